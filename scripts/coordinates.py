@@ -1,0 +1,144 @@
+"""The one coordinate convention of this bundle. Every other module follows it; tests enforce it.
+
+Spaces
+------
+* **World**: RAS+ millimetres, the NIfTI/nibabel convention (x grows to the subject's Right, y to Anterior,
+  z to Superior). Every image carries its 4x4 voxel-to-world matrix as ``MetaTensor.affine`` (MONAI's
+  ``LoadImage`` converts ITK's LPS to RAS on reading, so this holds for every loaded image).
+* **Voxel index**: ``(i, j, k)`` indexes the three spatial array axes of a ``(C, D, H, W)`` tensor in that order;
+  voxel centres sit on integers, so voxel ``(0, 0, 0)`` is the centre of the first voxel. ``world = affine @ [i, j,
+  k, 1]``.
+* **Normalized grid**: the coordinates of :func:`torch.nn.functional.grid_sample` with ``align_corners=True``:
+  ``n = 2 i / (S - 1) - 1``, so -1 and +1 are the centres of the first and last voxels. PyTorch orders the last
+  dimension of a grid as ``(x, y, z) = (k, j, i)``, the reverse of the array axes; only the functions here deal
+  with that reversal.
+
+Points are ``(B, N, 3)`` tensors of world millimetres unless a name says ``voxel``.
+
+Transforms
+----------
+A registration result is a 4x4 **fixed-to-moving** world matrix ``T``: it maps a point of the fixed image's
+physical space to the corresponding point of the moving image's physical space (the pull-back direction used to
+resample, the same direction as an ITK transform given to ``SimpleITK.Resample(moving, fixed, transform)``).
+Keypoints are fitted in that direction directly (fixed points as source, moving points as target), so no matrix
+is ever inverted to warp an image. Users also get the inverse, the moving-to-fixed RAS matrix, in
+``affine_ras.txt``.
+
+ITK stores physical points in LPS: ``T_itk = F T F`` with ``F = diag(-1, -1, 1, 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Flips x and y: RAS <-> LPS (its own inverse).
+RAS_LPS_FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Apply ``(B, 4, 4)`` (or ``(4, 4)``) homogeneous matrices to ``(B, N, 3)`` points; returns ``(B, N, 3)``."""
+    return points @ matrix[..., :3, :3].transpose(-1, -2) + matrix[..., None, :3, 3]
+
+
+def voxel_to_normalized(spatial_shape: tuple[int, ...] | torch.Size, dtype=torch.float64) -> torch.Tensor:
+    """4x4 matrix mapping voxel indices ``(i, j, k)`` of a grid of ``spatial_shape`` to normalized ``(i, j, k)``.
+
+    Normalized coordinates follow ``align_corners=True`` (voxel centres at -1 and +1) and keep the array order;
+    :func:`sampling_grid` reverses them for PyTorch.
+    """
+    sizes = torch.tensor([float(s) for s in spatial_shape], dtype=dtype)
+    matrix = torch.eye(4, dtype=dtype)
+    matrix[:3, :3] = torch.diag(2.0 / (sizes - 1).clamp(min=1))
+    # A single-voxel axis sits at 0, where ``affine_grid`` puts it (align_corners=True), not at -1.
+    matrix[:3, 3] = torch.where(sizes > 1, -1.0, 0.0).to(dtype)
+    return matrix
+
+
+def _reverse_xyz(matrix: torch.Tensor) -> torch.Tensor:
+    """Reorder a ``(..., 4, 4)`` matrix acting on ``(i, j, k)`` to act on PyTorch's ``(k, j, i)``."""
+    perm = [2, 1, 0, 3]
+    return matrix[..., perm, :][..., :, perm]
+
+
+def world_to_voxel_normalized(
+    fixed_to_moving: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, fixed_shape, moving_shape
+) -> torch.Tensor:
+    """Compose a world transform with both grids: fixed normalized ``(i, j, k)`` -> moving normalized ``(i, j, k)``.
+
+    Args:
+        fixed_to_moving: ``(B, 4, 4)`` world (RAS mm) matrix, fixed points to moving points.
+        fixed_affine, moving_affine: ``(B, 4, 4)`` voxel-to-world matrices of the two grids.
+        fixed_shape, moving_shape: spatial shapes ``(D, H, W)`` of the two grids.
+    """
+    dtype = torch.float64
+    n_fixed = voxel_to_normalized(fixed_shape, dtype).to(fixed_to_moving.device)
+    n_moving = voxel_to_normalized(moving_shape, dtype).to(fixed_to_moving.device)
+    return (
+        n_moving
+        @ torch.linalg.inv(moving_affine.to(dtype))
+        @ fixed_to_moving.to(dtype)
+        @ fixed_affine.to(dtype)
+        @ torch.linalg.inv(n_fixed)
+    )
+
+
+def sampling_grid(
+    fixed_to_moving: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, fixed_shape, moving_shape
+) -> torch.Tensor:
+    """Sampling grid ``(B, D, H, W, 3)`` that pulls moving intensities onto the fixed grid.
+
+    Use with ``grid_sample(moving, grid, align_corners=True)``. Arguments as in :func:`world_to_voxel_normalized`;
+    the grid has the fixed ``spatial_shape`` and the dtype of ``fixed_to_moving`` (float32 if it is float64, as
+    ``grid_sample`` wants the image's dtype).
+    """
+    theta = _reverse_xyz(world_to_voxel_normalized(fixed_to_moving, fixed_affine, moving_affine, fixed_shape, moving_shape))
+    batch = fixed_to_moving.shape[0]
+    out_dtype = torch.float32 if fixed_to_moving.dtype == torch.float64 else fixed_to_moving.dtype
+    size = [batch, 1, *[int(s) for s in fixed_shape]]
+    return F.affine_grid(theta[:, :3, :].to(out_dtype), size, align_corners=True)
+
+
+def voxel_grid_world(affine: torch.Tensor, spatial_shape) -> torch.Tensor:
+    """World coordinates ``(B, D*H*W, 3)`` of every voxel centre of a grid, in array (C) order."""
+    axes = [torch.arange(int(s), dtype=affine.dtype, device=affine.device) for s in spatial_shape]
+    voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    return apply_affine(affine, voxels.expand(affine.shape[0], -1, -1))
+
+
+def world_points_to_grid(points: torch.Tensor, moving_affine: torch.Tensor, moving_shape) -> torch.Tensor:
+    """Moving-world points ``(B, N, 3)`` to PyTorch grid coordinates ``(B, N, 3)`` (reversed, normalized)."""
+    to_normalized = voxel_to_normalized(moving_shape, points.dtype).to(points.device) @ torch.linalg.inv(moving_affine)
+    return apply_affine(to_normalized.to(points.dtype), points).flip(-1)
+
+
+def warp(
+    moving: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Resample ``moving`` ``(B, C, D, H, W)`` at ``grid`` ``(B, D', H', W', 3)``; ``mode`` "bilinear" or "nearest"."""
+    return F.grid_sample(moving, grid.to(moving.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def ras_to_lps(matrix: torch.Tensor) -> torch.Tensor:
+    """Express a 4x4 RAS world matrix in ITK's LPS world (the same map, other axes); also LPS -> RAS."""
+    flip = RAS_LPS_FLIP.to(matrix.device, matrix.dtype)
+    return flip @ matrix @ flip
+
+
+def resample_onto(
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    fixed_shape,
+    fixed_to_moving: torch.Tensor,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Resample a moving image ``(C, D, H, W)`` onto a fixed grid through a world transform; returns ``(C, *fixed_shape)``.
+
+    Works on native grids of any orientation and spacing (4x4 voxel-to-world ``moving_affine`` and
+    ``fixed_affine``, ``fixed_to_moving`` as in :func:`sampling_grid`); outside the moving field of view is 0.
+    ``mode`` is "bilinear" for intensities and "nearest" for label maps (whose dtype is kept).
+    """
+    grid = sampling_grid(fixed_to_moving[None], fixed_affine[None], moving_affine[None], fixed_shape, moving.shape[1:])
+    warped = warp(moving[None].to(torch.float32), grid, mode=mode)[0]
+    return warped.to(moving.dtype) if mode == "nearest" else warped

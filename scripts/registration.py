@@ -1,0 +1,131 @@
+"""KeyMorph registration: keypoints of both images, a closed-form fit in world millimetres, the warp.
+
+The detector (:class:`scripts.keypoint_net.KeypointDetector`) gives keypoints in the network grid's voxel indices;
+each grid's voxel-to-world matrix turns them into RAS millimetres, and the fit maps the FIXED keypoints onto the
+MOVING ones, which is the fixed-to-moving transform of :mod:`scripts.coordinates` with no inversion anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer
+
+from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
+from scripts.coordinates import apply_affine, sampling_grid, voxel_grid_world, warp, world_points_to_grid
+
+
+@dataclass
+class Registration:
+    """One batch of registrations.
+
+    Attributes:
+        fixed_to_moving: ``(B, 4, 4)`` float64 world matrix (the affine part; the TPS's affine part for "tps").
+        fixed_points, moving_points: ``(B, K, 3)`` keypoints in world mm.
+        residual: ``(B,)`` RMS distance in mm between the transformed fixed keypoints and the moving keypoints.
+        spline: the fitted thin-plate spline when the aligner is "tps", else None.
+    """
+
+    fixed_to_moving: torch.Tensor
+    fixed_points: torch.Tensor
+    moving_points: torch.Tensor
+    residual: torch.Tensor
+    spline: ThinPlateSpline | None = None
+
+    def grid(self, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, fixed_shape, moving_shape) -> torch.Tensor:
+        """Sampling grid ``(B, D, H, W, 3)`` pulling the moving image onto the fixed grid (``align_corners=True``)."""
+        if self.spline is None:
+            return sampling_grid(self.fixed_to_moving, fixed_affine, moving_affine, fixed_shape, moving_shape)
+        moved = self.spline(voxel_grid_world(fixed_affine.to(torch.float64), fixed_shape))
+        grid = world_points_to_grid(moved, moving_affine.to(torch.float64), moving_shape)
+        return grid.reshape(len(grid), *[int(s) for s in fixed_shape], 3).to(torch.float32)
+
+
+def keypoints_world(network: nn.Module, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Keypoints ``(B, K, 3)`` in world mm of images ``(B, 1, D, H, W)`` whose grids have ``(B, 4, 4)`` affines."""
+    voxels = network(image).to(torch.float64)
+    return apply_affine(affine.to(torch.float64), voxels)
+
+
+def fit(
+    fixed_points: torch.Tensor,
+    moving_points: torch.Tensor,
+    aligner: str = "affine",
+    tps_lambda: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> Registration:
+    """Fit the fixed-to-moving transform of world keypoints with ``aligner`` (affine, rigid, similarity or tps)."""
+    if aligner == "tps":
+        spline = ThinPlateSpline(fixed_points, moving_points, lam=tps_lambda)
+        matrix = ALIGNERS["affine"](fixed_points, moving_points, weights)
+        return Registration(matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points), spline)
+    if aligner not in ALIGNERS:
+        raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
+    matrix = ALIGNERS[aligner](fixed_points, moving_points, weights)
+    return Registration(matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points))
+
+
+def register(
+    network: nn.Module,
+    fixed: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    moving: torch.Tensor,
+    moving_affine: torch.Tensor,
+    aligner: str = "affine",
+    tps_lambda: float = 0.0,
+) -> Registration:
+    """Register network-grid images ``(B, 1, D, H, W)`` with grid affines ``(B, 4, 4)``: one detector pass on both."""
+    both = keypoints_world(network, torch.cat([fixed, moving]), torch.cat([fixed_affine, moving_affine]))
+    fixed_points, moving_points = both.split(len(fixed))
+    return fit(fixed_points, moving_points, aligner, tps_lambda)
+
+
+def warp_moving(
+    registration: Registration,
+    moving: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    moving_affine: torch.Tensor,
+    fixed_shape,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Moving ``(B, C, D, H, W)`` (images, or one-hot labels with bilinear for a differentiable Dice) on the fixed
+    grid."""
+    grid = registration.grid(fixed_affine, moving_affine, fixed_shape, moving.shape[2:])
+    return warp(moving, grid, mode=mode)
+
+
+class KeyMorphInferer(Inferer):
+    """The bundle's ``inferer``: registers a fixed and a moving network-grid image with a keypoint network.
+
+    ``inferer(fixed, moving, network)`` takes ``(B, 1, D, H, W)`` MetaTensors whose ``affine`` is the network
+    grid's voxel-to-world matrix and returns a :class:`Registration`.
+
+    Args:
+        aligner: "affine" (default), "rigid", "similarity" or "tps".
+        tps_lambda: smoothing of the thin-plate spline.
+    """
+
+    def __init__(self, aligner: str = "affine", tps_lambda: float = 0.0):
+        super().__init__()
+        if aligner not in [*ALIGNERS, "tps"]:
+            raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
+        self.aligner, self.tps_lambda = aligner, tps_lambda
+
+    def __call__(self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module) -> Registration:
+        return register(
+            network,
+            fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed,
+            _batched_affine(fixed),
+            moving.as_tensor() if hasattr(moving, "as_tensor") else moving,
+            _batched_affine(moving),
+            self.aligner,
+            self.tps_lambda,
+        )
+
+
+def _batched_affine(image: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 affine of a batched MetaTensor (MONAI keeps ``(4, 4)`` or ``(B, 4, 4)``)."""
+    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    return affine.expand(image.shape[0], 4, 4) if affine.ndim == 2 else affine

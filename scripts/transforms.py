@@ -1,0 +1,271 @@
+"""MONAI dictionary transforms of the registration pipeline that MONAI itself does not provide.
+
+* :class:`BrainFramed` places the network grid on the brain: centred on the brain mask's centre of mass and, if
+  asked, turned along its principal axes, at the network spacing and size, in ONE resampling; the grid's
+  voxel-to-world matrix goes into the output ``affine`` so world coordinates stay exact.
+* :class:`RandWorldAffined` moves images, masks, labels and points by one random affine of the world, the
+  training augmentation, and records the applied matrix so evaluation knows the truth.
+
+All matrices follow :mod:`scripts.coordinates` (RAS mm, voxel centres on integers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import GaussianSmooth, MapTransform, RandomizableTransform
+
+from scripts.coordinates import apply_affine, resample_onto
+from scripts.errors import KeyMorphInputError
+
+
+def _affine(image: torch.Tensor) -> torch.Tensor:
+    """The float64 voxel-to-world matrix of a MetaTensor (identity for a plain tensor)."""
+    affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
+    return torch.as_tensor(affine, dtype=torch.float64)
+
+
+def _source_name(image: torch.Tensor) -> str:
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    return str(meta.get("filename_or_obj", "<image>"))
+
+
+def brain_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre of mass ``(3,)``, covariance ``(3, 3)`` (mm^2) and third moments along world axes of a brain mask.
+
+    Args:
+        mask: ``(1, D, H, W)`` MetaTensor, brain > 0.5.
+
+    Returns:
+        ``(center, covariance, points)`` where ``points`` are the brain voxels' world coordinates minus the centre,
+        ``(N, 3)`` float64, kept for the sign choice of the principal axes.
+    """
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    if len(voxels) < 8:
+        raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; no brain to register")
+    points = apply_affine(_affine(mask), voxels)
+    center = points.mean(0)
+    points = points - center
+    return center, points.T @ points / len(points), points
+
+
+def principal_axes(covariance: torch.Tensor, centred_points: torch.Tensor) -> torch.Tensor:
+    """A proper rotation ``(3, 3)`` whose columns are the brain's principal axes, longest first.
+
+    Each axis points towards the brain's longer tail (positive third moment), which tells front from back and top
+    from bottom; the least skewed axis (left-right, where the brain is nearly symmetric) is instead set by the
+    right-hand rule, so the frame is never a mirror image.
+    """
+    _, vectors = torch.linalg.eigh(covariance)
+    axes = vectors.flip(-1)  # eigh sorts ascending; longest axis first
+    skew = (centred_points @ axes).pow(3).mean(0)
+    axes = axes * torch.where(skew < 0, -1.0, 1.0).to(axes.dtype)
+    symmetric = int(skew.abs().argmin())
+    other = [a for a in range(3) if a != symmetric]
+    cross = torch.linalg.cross(axes[:, other[0]], axes[:, other[1]])
+    # (a0, a1, a2) is right-handed iff a2 = a0 x a1; the cyclic order of the axes decides the sign.
+    axes[:, symmetric] = cross if symmetric == 2 or symmetric == 0 else -cross
+    return axes
+
+
+class BrainFramed(MapTransform):
+    """Resample images, masks and labels onto the network grid placed on the brain.
+
+    The grid has ``spatial_size`` voxels of ``spacing`` mm per axis, its centre on the brain mask's centre of mass
+    and, with ``align_principal_axes``, its axes along the brain's principal axes (see :func:`principal_axes`), so
+    that the network sees every brain in about the same pose whatever the scan's orientation. Its voxel-to-world
+    matrix becomes the outputs' ``affine``.
+
+    Args:
+        keys: intensity images, resampled trilinearly after a Gaussian anti-aliasing blur.
+        mask_key: the brain mask ``(1, D, H, W)`` that places the grid (also resampled, trilinear then > 0.5).
+        label_keys: label maps, resampled by nearest neighbour.
+        spatial_size: network grid size (voxels per axis).
+        spacing: network grid spacing in mm.
+        align_principal_axes: turn the grid along the brain's principal axes.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "mask",
+        label_keys: KeysCollection = (),
+        spatial_size: int = 96,
+        spacing: float = 2.0,
+        align_principal_axes: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        self.spatial_size = int(spatial_size)
+        self.spacing = float(spacing)
+        self.align_principal_axes = align_principal_axes
+
+    def frame_affine(self, mask: torch.Tensor) -> torch.Tensor:
+        """The network grid's voxel-to-world matrix ``(4, 4)`` float64 for this brain mask."""
+        center, covariance, points = brain_moments(mask)
+        rotation = principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
+        affine = torch.eye(4, dtype=torch.float64)
+        affine[:3, :3] = rotation * self.spacing
+        affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (self.spatial_size - 1) / 2, dtype=torch.float64)
+        return affine
+
+    def _resample(self, image: torch.Tensor, frame: torch.Tensor, mode: str) -> MetaTensor:
+        source_affine = _affine(image)
+        data = torch.as_tensor(image, dtype=torch.float32) if mode == "bilinear" else torch.as_tensor(image)
+        if mode == "bilinear":
+            data = _anti_alias(data, source_affine, self.spacing)
+        shape = (self.spatial_size,) * 3
+        out = resample_onto(data, source_affine, frame, shape, torch.eye(4, dtype=torch.float64), mode=mode)
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        meta.pop("affine", None)
+        meta["spatial_shape"] = np.array(shape)
+        return MetaTensor(out, affine=frame.to(torch.float64), meta=meta)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        frame = self.frame_affine(d[self.mask_key])
+        for key in self.key_iterator(d):
+            d[key] = self._resample(d[key], frame, "bilinear")
+        mask = self._resample(d[self.mask_key], frame, "bilinear")
+        d[self.mask_key] = (mask > 0.5).to(torch.float32)
+        for key in self.label_keys:
+            if key in d:
+                d[key] = self._resample(d[key], frame, "nearest")
+        return d
+
+
+def _anti_alias(image: torch.Tensor, affine: torch.Tensor, target_spacing: float) -> torch.Tensor:
+    """Gaussian blur ``(C, D, H, W)`` before downsampling to ``target_spacing`` mm (sigma = (factor - 1) / 2)."""
+    spacing = affine[:3, :3].norm(dim=0)
+    sigma = ((target_spacing / spacing - 1).clamp(min=0) / 2).tolist()
+    return GaussianSmooth(sigma=sigma)(image) if max(sigma) > 0.1 else image
+
+
+def random_affine_matrix(
+    rng: np.random.RandomState,
+    rotate_range: float = math.pi,
+    scale_range: float = 0.2,
+    shear_range: float = 0.1,
+    translate_range: Sequence[float] = (0.0, 0.0, 0.0),
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+) -> torch.Tensor:
+    """A random world affine ``(4, 4)`` float64 about ``center`` (mm).
+
+    ``T = C Tr R Sh S C^-1``: scale ``1 +- scale_range`` per axis, shear ``+- shear_range`` (the three upper
+    off-diagonal terms), rotation by angles ``+- rotate_range`` radians about x, then y, then z, translation
+    ``+- translate_range`` mm per axis, all uniform.
+    """
+    angles = rng.uniform(-rotate_range, rotate_range, 3)
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        turn = np.eye(3)
+        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+        rotation = turn @ rotation
+    shear = np.eye(3)
+    shear[0, 1], shear[0, 2], shear[1, 2] = rng.uniform(-shear_range, shear_range, 3)
+    scale = np.diag(rng.uniform(1 - scale_range, 1 + scale_range, 3))
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ shear @ scale
+    center = np.asarray(center, dtype=np.float64)
+    matrix[:3, 3] = center - matrix[:3, :3] @ center + rng.uniform(-1, 1, 3) * np.asarray(translate_range)
+    return torch.from_numpy(matrix)
+
+
+def image_center(image: torch.Tensor) -> torch.Tensor:
+    """World coordinates ``(3,)`` of the centre of an image's field of view."""
+    middle = torch.tensor([(s - 1) / 2 for s in image.shape[1:]], dtype=torch.float64)
+    return apply_affine(_affine(image), middle[None])[0]
+
+
+def field_of_view(image: torch.Tensor) -> torch.Tensor:
+    """Extent ``(3,)`` in mm of an image's field of view along its voxel axes."""
+    return _affine(image)[:3, :3].norm(dim=0) * torch.tensor(image.shape[1:], dtype=torch.float64)
+
+
+class RandWorldAffined(RandomizableTransform, MapTransform):
+    """Move images, masks, labels and points by one random affine ``T`` of the world (the training augmentation).
+
+    The move is exact and costs nothing: each image keeps its voxels and gets the voxel-to-world matrix
+    ``T @ affine``, so its content now lies at ``T p`` for every point ``p`` it held; point sets ``(N, 3)`` (world
+    mm) under ``point_keys`` become ``T p``. ``T`` rotates about the first image's field-of-view centre and is
+    written to ``data[matrix_key]`` (``(4, 4)`` float64, old world -> new world); identity when not applied.
+
+    Args:
+        keys: images, masks and label maps (MetaTensors) to move.
+        point_keys: ``(N, 3)`` world point sets to move.
+        prob: probability of applying a random affine.
+        rotate_range: maximum rotation about each axis, radians (pi: any orientation).
+        scale_range: maximum relative scaling per axis (0.2: 0.8 to 1.2).
+        shear_range: maximum shear term.
+        translate_range: maximum translation as a fraction of the field of view per axis.
+        matrix_key: where the applied matrix goes.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        point_keys: KeysCollection = (),
+        prob: float = 1.0,
+        rotate_range: float = math.pi,
+        scale_range: float = 0.2,
+        shear_range: float = 0.1,
+        translate_range: float = 0.1,
+        matrix_key: str = "world_transform",
+        allow_missing_keys: bool = False,
+    ):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.point_keys = [point_keys] if isinstance(point_keys, str) else list(point_keys)
+        self.rotate_range, self.scale_range = rotate_range, scale_range
+        self.shear_range, self.translate_range = shear_range, translate_range
+        self.matrix_key = matrix_key
+        self.matrix = torch.eye(4, dtype=torch.float64)
+
+    def randomize(self, reference: torch.Tensor) -> None:
+        super().randomize(None)
+        self.matrix = torch.eye(4, dtype=torch.float64)
+        if self._do_transform:
+            self.matrix = random_affine_matrix(
+                self.R,
+                self.rotate_range,
+                self.scale_range,
+                self.shear_range,
+                (self.translate_range * field_of_view(reference)).tolist(),
+                image_center(reference).tolist(),
+            )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        self.randomize(d[keys[0]])
+        for key in keys:
+            moved = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
+            moved = moved.clone()
+            moved.affine = self.matrix @ _affine(moved)
+            d[key] = moved
+        for key in self.point_keys:
+            if key in d:
+                d[key] = apply_affine(self.matrix.to(torch.as_tensor(d[key]).dtype), torch.as_tensor(d[key]))
+        d[self.matrix_key] = self.matrix.clone()
+        return d
+
+
+def random_points_in_mask(mask: torch.Tensor, count: int, rng: np.random.RandomState) -> torch.Tensor:
+    """``count`` world points ``(count, 3)`` (float64, mm) drawn uniformly among a mask's voxels, jittered
+    within their voxel so they are not on the lattice."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    if len(voxels) == 0:
+        raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; cannot place keypoints")
+    chosen = voxels[torch.from_numpy(rng.choice(len(voxels), size=count, replace=len(voxels) < count))]
+    chosen = chosen + torch.from_numpy(rng.uniform(-0.5, 0.5, chosen.shape))
+    return apply_affine(_affine(mask), chosen)
+
