@@ -50,7 +50,7 @@ def fit_affine(
     cov_ts = tgt_c.transpose(1, 2) @ (w * src_n)  # (B, 3, 3)
     eye = torch.eye(3, dtype=torch.float64, device=src.device)
     # Ridge pulls the linear part towards  trace(cov_ts)/trace(cov_ss) * I, i.e. a scaled identity, not to zero.
-    iso = (cov_ts.diagonal(dim1=1, dim2=2).sum(-1) / cov_ss.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-12))
+    iso = cov_ts.diagonal(dim1=1, dim2=2).sum(-1) / cov_ss.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-12)
     rhs = cov_ts + ridge * iso[:, None, None] * eye
     linear = torch.linalg.solve((cov_ss + ridge * eye).transpose(1, 2), rhs.transpose(1, 2)).transpose(1, 2) / scale
     return _homogeneous_matrix(linear, tgt_mean - (linear @ src_mean[..., None])[..., 0])

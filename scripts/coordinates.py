@@ -92,7 +92,9 @@ def sampling_grid(
     the grid has the fixed ``spatial_shape`` and the dtype of ``fixed_to_moving`` (float32 if it is float64, as
     ``grid_sample`` wants the image's dtype).
     """
-    theta = _reverse_xyz(world_to_voxel_normalized(fixed_to_moving, fixed_affine, moving_affine, fixed_shape, moving_shape))
+    theta = _reverse_xyz(
+        world_to_voxel_normalized(fixed_to_moving, fixed_affine, moving_affine, fixed_shape, moving_shape)
+    )
     batch = fixed_to_moving.shape[0]
     out_dtype = torch.float32 if fixed_to_moving.dtype == torch.float64 else fixed_to_moving.dtype
     size = [batch, 1, *[int(s) for s in fixed_shape]]
@@ -112,9 +114,7 @@ def world_points_to_grid(points: torch.Tensor, moving_affine: torch.Tensor, movi
     return apply_affine(to_normalized.to(points.dtype), points).flip(-1)
 
 
-def warp(
-    moving: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
+def warp(moving: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """Resample ``moving`` ``(B, C, D, H, W)`` at ``grid`` ``(B, D', H', W', 3)``; ``mode`` "bilinear" or "nearest"."""
     return F.grid_sample(moving, grid.to(moving.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
 

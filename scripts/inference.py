@@ -198,14 +198,7 @@ class RegistrationEvaluator(SupervisedEvaluator):
             registration = self.inferer(
                 fixed["image"][None].to(engine.state.device), item["image"][None].to(engine.state.device), self.network
             )
-        return {
-            **base,
-            "status": "ok",
-            "registration": registration,
-            "fixed": fixed,
-            "moving": item,
-            "start": start,
-        }
+        return {**base, "status": "ok", "registration": registration, "fixed": fixed, "moving": item, "start": start}
 
 
 class RegistrationWriter:
@@ -275,7 +268,9 @@ class RegistrationWriter:
         for extra in moving.get("extra", []):
             self._write_extra(extra, folder, fixed_file, fixed_affine, matrix)
         write_atomically(os.path.join(folder, "transform.tfm"), lambda p: write_itk_transform(p, matrix))
-        write_atomically(os.path.join(folder, "affine_ras.txt"), lambda p: write_ras_matrix(p, torch.linalg.inv(matrix)))
+        write_atomically(
+            os.path.join(folder, "affine_ras.txt"), lambda p: write_ras_matrix(p, torch.linalg.inv(matrix))
+        )
         for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
             path = os.path.join(folder, f"keypoints_{role}.csv")
             write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].cpu()))

@@ -60,7 +60,9 @@ def fit(
     if aligner == "tps":
         spline = ThinPlateSpline(fixed_points, moving_points, lam=tps_lambda)
         matrix = ALIGNERS["affine"](fixed_points, moving_points, weights)
-        return Registration(matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points), spline)
+        return Registration(
+            matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points), spline
+        )
     if aligner not in ALIGNERS:
         raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
     matrix = ALIGNERS[aligner](fixed_points, moving_points, weights)

@@ -20,7 +20,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, MapTransform, RandomizableTransform
 
-from scripts.coordinates import apply_affine, resample_onto
+from scripts.coordinates import apply_affine, sampling_grid, warp
 from scripts.errors import KeyMorphInputError
 
 
@@ -110,34 +110,43 @@ class BrainFramed(MapTransform):
     def frame_affine(self, mask: torch.Tensor) -> torch.Tensor:
         """The network grid's voxel-to-world matrix ``(4, 4)`` float64 for this brain mask."""
         center, covariance, points = brain_moments(mask)
-        rotation = principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
+        rotation = (
+            principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
+        )
         affine = torch.eye(4, dtype=torch.float64)
         affine[:3, :3] = rotation * self.spacing
         affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (self.spatial_size - 1) / 2, dtype=torch.float64)
         return affine
 
-    def _resample(self, image: torch.Tensor, frame: torch.Tensor, mode: str) -> MetaTensor:
-        source_affine = _affine(image)
-        data = torch.as_tensor(image, dtype=torch.float32) if mode == "bilinear" else torch.as_tensor(image)
-        if mode == "bilinear":
-            data = _anti_alias(data, source_affine, self.spacing)
+    def _resample(self, images: list[torch.Tensor], frame: torch.Tensor, mode: str) -> list[MetaTensor]:
+        """Resample images that share one source grid onto the frame with one sampling grid."""
+        source_affine = _affine(images[0])
         shape = (self.spatial_size,) * 3
-        out = resample_onto(data, source_affine, frame, shape, torch.eye(4, dtype=torch.float64), mode=mode)
-        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
-        meta.pop("affine", None)
-        meta["spatial_shape"] = np.array(shape)
-        return MetaTensor(out, affine=frame.to(torch.float64), meta=meta)
+        grid = sampling_grid(
+            torch.eye(4, dtype=torch.float64)[None], frame[None], source_affine[None], shape, images[0].shape[1:]
+        )
+        outputs = []
+        for image in images:
+            data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            if mode == "bilinear":
+                data = _anti_alias(data.to(torch.float32), source_affine, self.spacing)
+            warped = warp(data[None].to(torch.float32), grid, mode=mode)[0]
+            meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+            meta.pop("affine", None)
+            meta["spatial_shape"] = np.array(shape)
+            outputs.append(MetaTensor(warped if mode == "bilinear" else warped.to(data.dtype), affine=frame, meta=meta))
+        return outputs
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         frame = self.frame_affine(d[self.mask_key])
-        for key in self.key_iterator(d):
-            d[key] = self._resample(d[key], frame, "bilinear")
-        mask = self._resample(d[self.mask_key], frame, "bilinear")
-        d[self.mask_key] = (mask > 0.5).to(torch.float32)
-        for key in self.label_keys:
-            if key in d:
-                d[key] = self._resample(d[key], frame, "nearest")
+        keys = [*self.key_iterator(d), self.mask_key]
+        for key, image in zip(keys, self._resample([d[k] for k in keys], frame, "bilinear")):
+            d[key] = image
+        d[self.mask_key] = (d[self.mask_key] > 0.5).to(torch.float32)
+        labels = [key for key in self.label_keys if key in d]
+        for key, image in zip(labels, self._resample([d[k] for k in labels], frame, "nearest") if labels else []):
+            d[key] = image
         return d
 
 
@@ -268,4 +277,3 @@ def random_points_in_mask(mask: torch.Tensor, count: int, rng: np.random.RandomS
     chosen = voxels[torch.from_numpy(rng.choice(len(voxels), size=count, replace=len(voxels) < count))]
     chosen = chosen + torch.from_numpy(rng.uniform(-0.5, 0.5, chosen.shape))
     return apply_affine(_affine(mask), chosen)
-

@@ -1,0 +1,212 @@
+"""Ignite engines for KeyMorph: self-supervised keypoint pretraining and pair-wise registration training.
+
+Both subclass MONAI's :class:`~monai.engines.SupervisedTrainer`, so every MONAI/Ignite handler (stats, TensorBoard,
+checkpoints, validation, LR schedules) works unchanged; only the iteration differs. Batches are lists of dicts
+(``monai.data.utils.no_collation``) because each image carries its own network-grid affine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
+
+from scripts.registration import keypoints_world, register, warp_moving
+from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
+
+
+def _stack(items: list[dict], key: str) -> torch.Tensor:
+    return torch.stack(
+        [torch.as_tensor(item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]) for item in items]
+    )
+
+
+def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
+    return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
+
+
+def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` label maps -> ``(B, L, D, H, W)`` float one-hot of the brain structures ``label_values``."""
+    values = torch.tensor(label_values, device=labels.device).view(1, -1, 1, 1, 1)
+    return (labels.long() == values).float()
+
+
+class RegistrationLoss:
+    """The training objective of a pair, each term weighted (a zero weight skips the term).
+
+    * ``dice``: soft Dice of the warped one-hot brain structures against the fixed ones (works across
+      modalities; needs labels on both images);
+    * ``image``: image dissimilarity of the warped moving image and the fixed image inside the network grid:
+      ``"mse"`` or ``"lncc"`` for pairs of one modality, mutual information for pairs of two (always MI when
+      ``image_loss="mi"``);
+    * ``keypoints``: for same-subject pairs, the mean squared distance (in units of 10 mm, squared) between the
+      moving keypoints and the fixed keypoints moved by the TRUE transform: the same anatomy must give the same
+      keypoints in every contrast.
+    """
+
+    def __init__(
+        self, dice_weight: float = 1.0, image_weight: float = 0.0, keypoint_weight: float = 0.0, image_loss: str = "mi"
+    ):
+        if image_loss not in ("mse", "lncc", "mi"):
+            raise ValueError(f"image_loss must be mse, lncc or mi, got {image_loss!r}")
+        self.dice_weight, self.image_weight, self.keypoint_weight = dice_weight, image_weight, keypoint_weight
+        self.image_loss = image_loss
+        self.dice = DiceLoss(include_background=True, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)
+        self.mutual_information = GlobalMutualInformationLoss(num_bins=32, sigma_ratio=0.5)
+        self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=7)
+
+    def image_term(self, warped: torch.Tensor, fixed: torch.Tensor, same_modality: bool) -> torch.Tensor:
+        if self.image_loss == "mi" or not same_modality:
+            return self.mutual_information(warped, fixed)
+        if self.image_loss == "lncc":
+            return self.lncc(warped, fixed)
+        return F.mse_loss(warped, fixed)
+
+
+class KeyMorphTrainer(SupervisedTrainer):
+    """Pair-wise registration training: keypoints of both images, closed-form fit, warp, :class:`RegistrationLoss`.
+
+    ``loss_function`` is a :class:`RegistrationLoss`; ``aligner`` the fit used in training (affine by default,
+    rigid, similarity or tps with ``tps_lambda``). The iteration output has ``loss`` and its terms, and the engine
+    stops with a message naming the iteration when the loss is not finite (the last checkpoint stays good).
+    """
+
+    def __init__(self, *args, aligner: str = "affine", tps_lambda: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aligner, self.tps_lambda = aligner, tps_lambda
+
+    def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
+        device = engine.state.device
+        fixed = [pair["fixed"] for pair in batchdata]
+        moving = [pair["moving"] for pair in batchdata]
+        fixed_image, moving_image = _stack(fixed, "image").to(device), _stack(moving, "image").to(device)
+        fixed_affine, moving_affine = _stack_affines(fixed).to(device), _stack_affines(moving).to(device)
+        loss_fn: RegistrationLoss = engine.loss_function
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        registration = register(
+            engine.network, fixed_image, fixed_affine, moving_image, moving_affine, self.aligner, self.tps_lambda
+        )
+        shape = fixed_image.shape[2:]
+        terms: dict[str, torch.Tensor] = {}
+        if loss_fn.dice_weight and all("label" in item for item in fixed + moving):
+            moving_labels = one_hot_labels(_stack(moving, "label").to(device))
+            warped_labels = warp_moving(registration, moving_labels, fixed_affine, moving_affine, shape)
+            terms["dice"] = loss_fn.dice(warped_labels, one_hot_labels(_stack(fixed, "label").to(device)))
+        if loss_fn.image_weight:
+            warped = warp_moving(registration, moving_image, fixed_affine, moving_affine, shape)
+            same = all(f.get("modality") == m.get("modality") != "random" for f, m in zip(fixed, moving))
+            terms["image"] = loss_fn.image_term(warped, fixed_image, same)
+        known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
+        if loss_fn.keypoint_weight and known:
+            truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
+            expected = registration.fixed_points[known] @ truth[:, :3, :3].transpose(1, 2) + truth[:, None, :3, 3]
+            terms["keypoints"] = (registration.moving_points[known] - expected).pow(2).sum(-1).mean() / 100.0
+        weights = {"dice": loss_fn.dice_weight, "image": loss_fn.image_weight, "keypoints": loss_fn.keypoint_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if not torch.is_tensor(loss) or not torch.isfinite(loss):
+            engine.logger.error(f"iteration {engine.state.iteration}: loss is {loss} (not finite); stopping")
+            engine.terminate()
+            return {"loss": float("nan")}
+        loss.backward()
+        engine.optimizer.step()
+        output = {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
+        output["residual_mm"] = registration.residual.mean().item()
+        return output
+
+
+class KeypointPretrainer(SupervisedTrainer):
+    """KeyMorph's self-supervised pretraining: regress the keypoints onto known points that move with the image.
+
+    Each item holds a network-grid ``image`` and ``points``: the K reference points inside the subject's brain,
+    moved by the same random affine as the image (world mm, ``(K, 3)``). The loss is their mean squared distance
+    to the detected keypoints, in units of 10 mm squared.
+    """
+
+    def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
+        device = engine.state.device
+        image = _stack(batchdata, "image").to(device)
+        affine = _stack_affines(batchdata).to(device)
+        target = torch.stack([torch.as_tensor(item["points"], dtype=torch.float64) for item in batchdata]).to(device)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        points = keypoints_world(engine.network, image, affine)
+        loss = (points - target).pow(2).sum(-1).mean() / 100.0
+        if not torch.isfinite(loss):
+            engine.logger.error(f"iteration {engine.state.iteration}: loss is {loss.item()} (not finite); stopping")
+            engine.terminate()
+            return {"loss": float("nan")}
+        loss.backward()
+        engine.optimizer.step()
+        return {"loss": loss.item(), "rmse_mm": math.sqrt(100.0 * loss.item())}
+
+
+class KeyMorphValidator(SupervisedEvaluator):
+    """Validation on a fixed set of pairs: mean Dice of the brain structures after registration (key metric
+    ``val_dice``) and, on same-subject pairs, the mean error in mm of the fitted transform over the fixed brain
+    voxels."""
+
+    def __init__(self, *args, aligner: str = "affine", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aligner = aligner
+
+    def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
+        from scripts.metrics import brain_voxel_error, mean_dice
+
+        device = engine.state.device
+        fixed = [pair["fixed"] for pair in batchdata]
+        moving = [pair["moving"] for pair in batchdata]
+        fixed_affine, moving_affine = _stack_affines(fixed).to(device), _stack_affines(moving).to(device)
+        engine.network.eval()
+        with torch.no_grad():
+            registration = register(
+                engine.network,
+                _stack(fixed, "image").to(device),
+                fixed_affine,
+                _stack(moving, "image").to(device),
+                moving_affine,
+                self.aligner,
+            )
+            output = {}
+            if all("label" in item for item in fixed + moving):
+                warped = warp_moving(
+                    registration,
+                    _stack(moving, "label").float().to(device),
+                    fixed_affine,
+                    moving_affine,
+                    fixed[0]["image"].shape[1:],
+                    mode="nearest",
+                )
+                output["dice"] = mean_dice(warped, _stack(fixed, "label").to(device))
+            known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
+            if known:
+                truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
+                output["error_mm"] = brain_voxel_error(
+                    registration.fixed_to_moving[known], truth, [fixed[i]["mask"] for i in known]
+                )
+        return output
+
+
+class AugmentationRamp:
+    """Ignite handler: grow a :class:`scripts.transforms.RandWorldAffined`'s ranges linearly from 0 to their full
+    values over the first ``ramp_epochs`` epochs (KeyMorph's pretraining schedule: easy poses first)."""
+
+    def __init__(self, transform, ramp_epochs: int):
+        self.transform, self.ramp_epochs = transform, max(int(ramp_epochs), 1)
+        self.full = {
+            name: getattr(transform, name) for name in ("rotate_range", "scale_range", "shear_range", "translate_range")
+        }
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        fraction = min(1.0, engine.state.epoch / self.ramp_epochs)
+        for name, value in self.full.items():
+            setattr(self.transform, name, value * fraction)
