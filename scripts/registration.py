@@ -15,6 +15,7 @@ from monai.inferers import Inferer
 
 from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
 from scripts.coordinates import apply_affine, sampling_grid, voxel_grid_world, warp, world_points_to_grid
+from scripts.refinement import refine_affine
 
 
 @dataclass
@@ -107,24 +108,47 @@ class KeyMorphInferer(Inferer):
     Args:
         aligner: "affine" (default), "rigid", "similarity" or "tps".
         tps_lambda: smoothing of the thin-plate spline.
+        refine_iterations: steps of mutual-information refinement of the affine keypoint solution
+            (:func:`scripts.refinement.refine_affine`); 0 keeps the keypoint solution.
     """
 
-    def __init__(self, aligner: str = "affine", tps_lambda: float = 0.0):
+    def __init__(self, aligner: str = "affine", tps_lambda: float = 0.0, refine_iterations: int = 0):
         super().__init__()
         if aligner not in [*ALIGNERS, "tps"]:
             raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
-        self.aligner, self.tps_lambda = aligner, tps_lambda
+        self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
 
-    def __call__(self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module) -> Registration:
-        return register(
-            network,
-            fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed,
-            _batched_affine(fixed),
-            moving.as_tensor() if hasattr(moving, "as_tensor") else moving,
-            _batched_affine(moving),
-            self.aligner,
-            self.tps_lambda,
+    def __call__(
+        self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, fixed_mask: torch.Tensor | None = None
+    ) -> Registration:
+        """Register ``(B, 1, D, H, W)`` network-grid images; ``fixed_mask`` (same shape; default: fixed > 0) is where
+        the refinement measures similarity."""
+        fixed_data = fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed
+        moving_data = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
+        fixed_affine, moving_affine = _batched_affine(fixed), _batched_affine(moving)
+        registration = register(
+            network, fixed_data, fixed_affine, moving_data, moving_affine, self.aligner, self.tps_lambda
         )
+        if self.refine_iterations and registration.spline is None:
+            mask = fixed_data > 0 if fixed_mask is None else torch.as_tensor(fixed_mask)
+            refined = [
+                refine_affine(
+                    fixed_data[i],
+                    fixed_affine[i],
+                    mask[i],
+                    moving_data[i],
+                    moving_affine[i],
+                    registration.fixed_to_moving[i],
+                    self.refine_iterations,
+                )
+                for i in range(len(fixed_data))
+            ]
+            matrix = torch.stack(refined)
+            # the residual stays the keypoint fit's own: it measures how consistent the keypoints were
+            registration = Registration(
+                matrix, registration.fixed_points, registration.moving_points, registration.residual
+            )
+        return registration
 
 
 def _batched_affine(image: torch.Tensor) -> torch.Tensor:
