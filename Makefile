@@ -5,7 +5,8 @@
 #   make test     run the unit tests
 #   make lint     check formatting (black, isort) and style (flake8)
 #   make format   apply black and isort
-#   make package  build the release archive (scripts/package.py)
+#   make verify   the model zoo's checks: weights hash, metadata schema, network in/out, TorchScript export
+#   make package  build the release zip dist/<name>_v<version>.zip (scripts/package.py; checks the weights hash)
 #   make clean    remove caches and generated files (keeps .venv; `make distclean` removes it too)
 
 # Interpreter used only to create the virtual environment; everything else runs from .venv.
@@ -29,7 +30,7 @@ RUN_ID ?= inference
 
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format package clean distclean
+.PHONY: venv demo test lint format verify package clean distclean
 
 venv: $(STAMP)
 
@@ -63,12 +64,29 @@ format: venv
 	$(BIN)/black -l 120 --skip-magic-trailing-comma $(CODE_DIRS)
 	$(BIN)/isort --profile black -l 120 $(CODE_DIRS)
 
+# The zoo's checks on this bundle (its ci/verify_bundle.py, with the offline schema copy). ckpt_export scripts
+# network_def (no tracing) with the weights into models/model.ts (gitignored; `make clean` removes it).
+SCHEMA_COPY := tests/data/meta_schema_20240725.json
+SCHEMA_MD5 := 06954cad2cc5d3784e72077ac76f0fc8
+BUNDLE_CHECK_ARGS := --config_file configs/inference.yaml --meta_file configs/metadata.json
+
+verify: venv
+	$(BIN)/python -m scripts.hashes verify
+	$(BIN)/python -m monai.bundle verify_metadata --meta_file configs/metadata.json \
+		--filepath $(SCHEMA_COPY) --hash_val $(SCHEMA_MD5) --hash_type md5
+	$(BIN)/python -m monai.bundle verify_net_in_out network_def $(BUNDLE_CHECK_ARGS) --device cpu
+	$(BIN)/python -m monai.bundle ckpt_export network_def --filepath models/model.ts \
+		--ckpt_file models/model.pt $(BUNDLE_CHECK_ARGS)
+
+# Release zip: dist/<bundle_name>_v<version>.zip, refused when models/model.pt does not match large_files.yml.
+DIST ?= dist
+
 package: venv
-	$(BIN)/python -m scripts.package
+	$(BIN)/python -m scripts.package --output_dir $(DIST)
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
-	rm -rf .pytest_cache .hypothesis demo
+	rm -rf .pytest_cache .hypothesis demo dist
 	rm -f models/model.ts models/verify_model.ts eval/schema.json requirements_*.txt
 
 distclean: clean

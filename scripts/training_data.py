@@ -18,7 +18,9 @@ import torch
 from monai.transforms import CropForeground, Randomizable
 from torch.utils.data import Dataset
 
+from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
+from scripts.image_pairs import ImagePairDataset
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map
 from scripts.transforms import random_points_in_mask
 
@@ -211,14 +213,27 @@ def make_pair_dataset(
     include: list[str] | tuple[str, ...] = (),
     spacing: float = 2.0,
     same_subject_probability: float = 0.5,
+    skull_strip: str = "deepbet",
 ):
-    """The pair dataset for ``source``: a folder of label maps gives synthetic pairs.
+    """The pair dataset for ``source`` (see :func:`scripts.datalists.detect_source`): a folder of label maps gives
+    synthetic pairs (:class:`SyntheticPairDataset`, ``synthesis`` used), an IXI-layout folder or a CSV datalist
+    real ones (:class:`scripts.image_pairs.ImagePairDataset`, with ``preprocessing`` and, for images without a mask
+    file, the brain-mask backend ``skull_strip``; ``spacing`` is then the spacing the images are kept at).
 
-    Subjects whose file name contains an entry of ``exclude`` are left out; with ``include``, only those are used
-    (the validation split). Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing usable.
+    Subjects whose file name (label maps) or subject id (IXI, CSV) contains an entry of ``exclude`` are left out;
+    with ``include``, only those are used (the validation split). A CSV with a ``split`` column instead gives the
+    rows whose split is ``split``. Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing
+    usable.
     """
     if not os.path.exists(source):
         raise KeyMorphInputError(f"{source}: dataset_dir not found")
+    kind = detect_source(source)
+    if kind != "label_maps":
+        datalist = csv_datalist(source) if kind == "csv" else ixi_datalist(source)
+        datalist = select_subjects(datalist, split, exclude, include, source)
+        return ImagePairDataset(
+            datalist, length, augmentation, frame, preprocessing, spacing, same_subject_probability, skull_strip
+        )
     label_maps = find_label_maps(source, exclude)
     if include:
         label_maps = [p for p in label_maps if any(name in os.path.basename(p) for name in include)]

@@ -91,7 +91,7 @@ def test_network_data_format_matches_the_detector():
     fmt = _metadata()["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]
     assert image["num_channels"] == 1 and image["dtype"] == "float32"
-    assert image["spatial_shape"] == ["16*n", "16*n", "16*n"]
+    assert image["spatial_shape"] == ["32*n", "32*n", "32*n"]
     assert pred["num_channels"] == 128 and pred["spatial_shape"] == [128, 3] and pred["dtype"] == "float32"
 
 
