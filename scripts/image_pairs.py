@@ -204,5 +204,6 @@ class ImagePairDataset(Randomizable, Dataset):
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
-        self.augmentation.set_random_state(seed=None if seed is None else seed + 1, state=None)
+        for transform in (self.augmentation, self.frame):
+            transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
         return self

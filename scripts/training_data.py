@@ -125,7 +125,7 @@ class SyntheticPairDataset(Randomizable, Dataset):
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
-        for transform in (self.synthesis, self.recontrast, self.augmentation):
+        for transform in (self.synthesis, self.recontrast, self.augmentation, self.frame):
             transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
         return self
 
@@ -181,7 +181,7 @@ class PretrainingDataset(Randomizable, Dataset):
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
-        for transform in (self.synthesis, self.augmentation):
+        for transform in (self.synthesis, self.augmentation, self.frame):
             transform.set_random_state(seed=seed, state=None)
         return self
 

@@ -74,7 +74,7 @@ def principal_axes(covariance: torch.Tensor, centred_points: torch.Tensor) -> to
     return axes
 
 
-class BrainFramed(MapTransform):
+class BrainFramed(RandomizableTransform, MapTransform):
     """Resample images, masks and labels onto the network grid placed on the brain.
 
     The grid has ``spatial_size`` voxels of ``spacing`` mm per axis, its centre on the brain mask's centre of mass
@@ -90,6 +90,10 @@ class BrainFramed(MapTransform):
         spatial_size: network grid size (voxels per axis).
         spacing: network grid spacing in mm.
         align_principal_axes: turn the grid along the brain's principal axes.
+        rotation_jitter: for training only: turn the grid by a random rotation of up to this angle (radians) about
+            each of its axes, so the network learns poses the principal axes leave (0: exact frame, inference).
+        flip_probability: for training only: probability of replacing the principal axes' sign choice by one of
+            the three other proper ones (a 180-degree turn), as when a third moment is nearly zero.
     """
 
     def __init__(
@@ -100,9 +104,13 @@ class BrainFramed(MapTransform):
         spatial_size: int = 96,
         spacing: float = 2.0,
         align_principal_axes: bool = True,
+        rotation_jitter: float = 0.0,
+        flip_probability: float = 0.0,
         allow_missing_keys: bool = False,
     ):
-        super().__init__(keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.rotation_jitter, self.flip_probability = rotation_jitter, flip_probability
         self.mask_key = mask_key
         self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         self.spatial_size = int(spatial_size)
@@ -115,10 +123,21 @@ class BrainFramed(MapTransform):
         rotation = (
             principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
         )
+        rotation = rotation @ self._jitter()
         affine = torch.eye(4, dtype=torch.float64)
         affine[:3, :3] = rotation * self.spacing
         affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (self.spatial_size - 1) / 2, dtype=torch.float64)
         return affine
+
+    def _jitter(self) -> torch.Tensor:
+        """The random turn ``(3, 3)`` of the grid in its own axes (identity without jitter or flips)."""
+        turn = torch.eye(3, dtype=torch.float64)
+        if self.rotation_jitter > 0:
+            turn = random_affine_matrix(self.R, self.rotation_jitter, 0.0, 0.0)[:3, :3]
+        if self.flip_probability > 0 and self.R.rand() < self.flip_probability:
+            signs = [(-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, -1.0, -1.0)][self.R.randint(3)]
+            turn = turn @ torch.diag(torch.tensor(signs, dtype=torch.float64))
+        return turn
 
     def _grid(self, source: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
         """The sampling grid from the source grid (shared by all keys) onto the frame."""
