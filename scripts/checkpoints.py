@@ -5,8 +5,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import zipfile
 
+import torch.distributed as dist
+from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
+
+from scripts.errors import KeyMorphInputError
 
 _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
 
@@ -14,7 +19,12 @@ _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's :class:`~monai.handlers.CheckpointSaver` writing every file atomically (temporary file, then rename),
     so a kill at any moment leaves the previous checkpoint intact instead of half a file. (The files are then
-    readable by their owner only, as with any ``tempfile``.)"""
+    readable by their owner only, as with any ``tempfile``.)
+
+    An iteration-level interval checkpoint due on the last iteration of an epoch is written when the epoch has
+    completed, after the epoch-end handlers attached before this one (LR schedule step, validation): written at
+    the iteration's end it would hold the state before them, and a run resumed from it would skip them (its LR
+    schedule one epoch behind)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -22,12 +32,71 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler._atomic = True
 
+    def attach(self, engine: Engine) -> None:
+        if self._interval_checkpoint is None or self.epoch_level:
+            super().attach(engine)
+            return
+        interval, self._interval_checkpoint = self._interval_checkpoint, None
+        try:
+            super().attach(engine)  # final and key-metric checkpoints as MONAI attaches them
+        finally:
+            self._interval_checkpoint = interval
+
+        def due(engine: Engine) -> bool:
+            return engine.state.iteration % self.save_interval == 0
+
+        def epoch_end(engine: Engine) -> bool:
+            return bool(engine.state.epoch_length) and engine.state.iteration % engine.state.epoch_length == 0
+
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED(event_filter=lambda e, _: due(e) and not epoch_end(e)), self.interval_completed
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=lambda e, _: due(e)), self.interval_completed)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a checkpoint ``torch.load`` reads, or None when it looks sound.
+
+    ``torch.save`` writes a zip archive whose directory is at the end of the file, so reading that directory (not
+    the tensors) cheaply finds truncated, empty or foreign files.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"unreadable checkpoint ({error})"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "not a PyTorch checkpoint (no data.pkl in the archive)"
+    return None
+
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The checkpoint with the highest iteration in ``checkpoint_dir`` (interval or final), or None if none."""
+    """The checkpoint with the highest iteration in ``checkpoint_dir`` (interval or final), or None if none.
+
+    Raises :class:`KeyMorphInputError` (one line naming the file) when that checkpoint is unreadable, e.g. truncated
+    by a full disk or an interrupted copy: resuming from an older one or from scratch instead would go unnoticed.
+    """
     found = []
     for path in glob.glob(os.path.join(checkpoint_dir, "*.pt")):
         match = _ITERATION.search(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), os.path.getmtime(path), path))
-    return max(found)[2] if found else None
+    if not found:
+        return None
+    path = max(found)[2]
+    problem = checkpoint_problem(path)
+    if problem:
+        raise KeyMorphInputError(
+            f"{path}: {problem}; delete or move it to resume from the checkpoint before it, or use another output_dir"
+        )
+    return path
+
+
+def shared_latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """:func:`latest_checkpoint` as rank 0 finds it, on every rank of an initialized process group (multi-process
+    training: all ranks resume from the same file whatever they would see themselves); else latest_checkpoint."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return latest_checkpoint(checkpoint_dir)
+    choice = [latest_checkpoint(checkpoint_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
