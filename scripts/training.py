@@ -29,6 +29,10 @@ def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
     return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
 
 
+def _gradients_finite(network: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+
+
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
     """``(B, 1, D, H, W)`` label maps -> ``(B, L, D, H, W)`` float one-hot of the brain structures ``label_values``."""
     values = torch.tensor(label_values, device=labels.device).view(1, -1, 1, 1, 1)
@@ -113,6 +117,11 @@ class KeyMorphTrainer(SupervisedTrainer):
             engine.terminate()
             return {"loss": float("nan")}
         loss.backward()
+        if not _gradients_finite(engine.network):
+            # a degenerate fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on them
+            engine.logger.error(f"iteration {engine.state.iteration}: non-finite gradients; stopping")
+            engine.terminate()
+            return {"loss": float("nan")}
         engine.optimizer.step()
         output = {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
         output["residual_mm"] = registration.residual.mean().item()
@@ -141,6 +150,10 @@ class KeypointPretrainer(SupervisedTrainer):
             engine.terminate()
             return {"loss": float("nan")}
         loss.backward()
+        if not _gradients_finite(engine.network):
+            engine.logger.error(f"iteration {engine.state.iteration}: non-finite gradients; stopping")
+            engine.terminate()
+            return {"loss": float("nan")}
         engine.optimizer.step()
         return {"loss": loss.item(), "rmse_mm": math.sqrt(100.0 * loss.item())}
 

@@ -391,7 +391,7 @@ def test_multi_process_config_disables_writers_on_other_ranks(heads, tmp_path, m
     # no checkpoint in output_dir and no pretrained_ckpt: the loaders are off on every rank
     writers = ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
     assert enabled[0] == {
-        "train#handlers": ["LrScheduleHandler", "ValidationHandler", *writers],
+        "train#handlers": ["LrScheduleHandler", "ValidationHandler", *writers, "TensorBoardStatsHandler"],
         "train#stateful_handlers": ["AtomicCheckpointSaver"],
         "validate#handlers": [*writers[:2], "AtomicCheckpointSaver"],
     }
