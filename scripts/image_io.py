@@ -4,6 +4,20 @@
 and raises :class:`scripts.errors.KeyMorphInputError` with one line naming the file and the problem, instead of a
 traceback from deep inside a library. Images come back as MONAI MetaTensors ``(1, D, H, W)`` float32 whose
 ``affine`` is the file's voxel-to-world matrix in RAS mm (nibabel's convention, see :mod:`scripts.coordinates`).
+
+What is refused (:class:`KeyMorphInputError`) and what is accepted:
+
+* the file: missing (or a broken symbolic link), a folder, unreadable, empty, not gzip although named ``.gz``,
+  corrupt or truncated gzip, truncated data, not NIfTI-1/2: refused. Symbolic links, spaces and non-ASCII
+  characters in the path: accepted.
+* the header: a singular or non-finite voxel-to-world matrix, sheared (non-orthogonal) axes, spatial units other
+  than mm (``unknown`` counts as mm), an invalid units code: refused. Any orientation, any voxel size and any
+  anisotropy (e.g. 1 x 1 x 10 mm): accepted, as long as the field of view can hold a brain (>= ``MIN_EXTENT_MM``
+  along every axis, >= ``MIN_VOXELS`` voxels per axis).
+* the voxels: non-scalar types (RGB, complex), 2-D, 4-D with several volumes (the message says how to extract one),
+  5-D and up, all NaN or infinite, constant: refused. Integer, boolean, float16/32/64 and scaled (``scl_slope``)
+  data: accepted and converted to float32; a 4-D or 5-D file with a single volume: accepted. Some non-finite
+  voxels: set to 0, their fraction kept in ``meta["nonfinite_fraction"]``.
 """
 
 from __future__ import annotations
@@ -25,28 +39,50 @@ from scripts.transform_io import write_atomically
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A brain is > 100 mm across; a field of view smaller than this along any axis cannot hold one.
 MIN_EXTENT_MM = 40.0
+# Fewer voxels than this along an axis is a slab or a thumbnail, not a volume (10 mm voxels still give 10+).
+MIN_VOXELS = 4
+# Direction cosines whose dot products exceed this (about 0.06 degrees off square) are a sheared header.
+MAX_SHEAR = 1e-3
 SPATIAL_UNIT_SCALE = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
 
 
+def _reason(error: BaseException, path: str) -> str:
+    """The first line of a library's error message, without the file name (the caller's message starts with it)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text.replace(f'"{path}"', "the file").replace(f"'{path}'", "the file").replace(path, "the file")
+
+
 def _read(path: str) -> nib.Nifti1Image:
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise KeyMorphInputError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
         raise KeyMorphInputError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise KeyMorphInputError(f"{path}: is a folder, not an image file")
     if not os.access(path, os.R_OK):
         raise KeyMorphInputError(f"{path}: file is not readable (permissions)")
     if os.path.getsize(path) == 0:
         raise KeyMorphInputError(f"{path}: file is empty")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+    except OSError as error:
+        raise KeyMorphInputError(f"{path}: cannot read the file ({_reason(error, path)})") from None
+    if path.lower().endswith(".gz") and magic != _GZIP_MAGIC:
+        raise KeyMorphInputError(f"{path}: named .gz but not gzip-compressed (an uncompressed .nii renamed?)")
+    try:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as error:
-        raise KeyMorphInputError(f"{path}: corrupt or truncated gzip ({error})") from None
+        raise KeyMorphInputError(f"{path}: corrupt or truncated gzip data ({_reason(error, path)})") from None
     except Exception as error:  # nibabel raises many types for files that are not images
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise KeyMorphInputError(f"{path}: not a readable NIfTI image ({reason})") from None
+        raise KeyMorphInputError(f"{path}: not a readable NIfTI image ({_reason(error, path)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise KeyMorphInputError(f"{path}: not a NIfTI image ({type(image).__name__})")
     image._keymorph_data = data  # read once; the checks below and the caller share it
@@ -55,24 +91,41 @@ def _read(path: str) -> nib.Nifti1Image:
 
 def _check_affine(path: str, image: nib.Nifti1Image) -> np.ndarray:
     affine = np.asarray(image.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)):
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise KeyMorphInputError(f"{path}: the voxel-to-world matrix has non-finite values")
     linear = affine[:3, :3]
-    if abs(np.linalg.det(linear)) < 1e-9:
+    spacing = np.linalg.norm(linear, axis=0)
+    with np.errstate(all="ignore"):
+        determinant = np.linalg.det(linear)
+        directions = linear / spacing
+        shear = np.abs(directions.T @ directions - np.eye(3)).max()
+    if not np.isfinite(determinant) or not np.all(np.isfinite(spacing)):
+        raise KeyMorphInputError(f"{path}: the voxel-to-world matrix has non-finite values (overflow)")
+    if abs(determinant) < 1e-9 or spacing.min() < 1e-6:
         raise KeyMorphInputError(f"{path}: the voxel-to-world matrix is singular (a zero voxel size?)")
-    unit = image.header.get_xyzt_units()[0] or "unknown"
+    try:
+        unit = image.header.get_xyzt_units()[0] or "unknown"
+    except KeyError:
+        raise KeyMorphInputError(
+            f"{path}: invalid spatial units code {int(image.header['xyzt_units']) % 8} in the header"
+        ) from None
     if unit not in ("mm", "unknown"):
         raise KeyMorphInputError(f"{path}: spatial units are {unit!r}, not mm; convert the header to mm")
-    directions = linear / np.linalg.norm(linear, axis=0)
-    if np.abs(directions.T @ directions - np.eye(3)).max() > 1e-3:
+    if not shear <= MAX_SHEAR:  # also catches NaN
         raise KeyMorphInputError(f"{path}: the header's axes are not orthogonal (sheared); resample it first")
     return affine
 
 
-def _check_data(path: str, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
-        raise KeyMorphInputError(f"{path}: voxel type {data.dtype} is not a scalar (RGB or complex?); convert to grey")
-    if data.ndim == 4 and data.shape[3] == 1 or data.ndim == 5 and data.shape[3:] == (1, 1):
+def _check_data(
+    path: str, data: np.ndarray, affine: np.ndarray, require_contrast: bool = True
+) -> tuple[np.ndarray, float]:
+    """The checked volume ``(D, H, W)`` float32 with non-finite voxels set to 0, and the fraction that were."""
+    if data.dtype.fields is not None:
+        channels = "".join(data.dtype.names or ())
+        raise KeyMorphInputError(f"{path}: {channels or 'multi-channel'} (colour) voxels; convert the image to grey")
+    if data.dtype.kind not in "biuf":
+        raise KeyMorphInputError(f"{path}: voxel type {data.dtype} is not a real scalar (complex?); convert it")
+    if data.ndim > 3 and data.shape[3:] == (1,) * (data.ndim - 3):
         data = data.reshape(data.shape[:3])
     if data.ndim == 4:
         raise KeyMorphInputError(
@@ -82,38 +135,55 @@ def _check_data(path: str, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if data.ndim != 3:
         raise KeyMorphInputError(f"{path}: {data.ndim}-D image of shape {data.shape}; a 3-D volume is needed")
     extent = np.linalg.norm(affine[:3, :3], axis=0) * np.array(data.shape)
-    if extent.min() < MIN_EXTENT_MM or min(data.shape) < 8:
+    if extent.min() < MIN_EXTENT_MM or min(data.shape) < MIN_VOXELS:
         raise KeyMorphInputError(
             f"{path}: field of view {np.round(extent, 1).tolist()} mm ({list(data.shape)} voxels) is too small"
             " to hold a brain"
         )
-    data = data.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = data.astype(np.float32)
     finite = np.isfinite(data)
     if not finite.any():
         raise KeyMorphInputError(f"{path}: every voxel is NaN or infinite")
     values = data[finite]
-    if values.max() == values.min():
+    if require_contrast and values.max() == values.min():
         raise KeyMorphInputError(f"{path}: the image is constant ({values.max():g} everywhere); nothing to register")
-    return np.where(finite, data, 0.0).astype(np.float32)
+    return np.where(finite, data, 0.0).astype(np.float32), float(1.0 - finite.mean())
 
 
-def load_volume(path: str) -> MetaTensor:
+def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
     """Read and check a NIfTI volume; returns a ``(1, D, H, W)`` float32 MetaTensor with the RAS affine.
 
     Non-finite voxels become 0; ``meta["nonfinite_fraction"]`` tells how many there were. A 4-D file with a single
-    volume is accepted. Raises :class:`KeyMorphInputError` for anything that cannot be registered.
+    volume is accepted. Raises :class:`KeyMorphInputError` for anything that cannot be registered (see the module
+    docstring); never another exception type for a bad file.
+
+    Args:
+        path: the NIfTI file.
+        require_contrast: refuse a constant image (nothing to register). False for images that only follow a
+            registration, such as an empty lesion mask given with ``apply_to``.
     """
+    path = os.fspath(path)
     image = _read(path)
     affine = _check_affine(path, image)
-    raw = image._keymorph_data
-    data = _check_data(path, np.asarray(raw), affine)
+    data, nonfinite = _check_data(path, np.asarray(image._keymorph_data), affine, require_contrast)
     meta = {
         "filename_or_obj": path,
         "original_affine": affine,
         "spatial_shape": np.array(data.shape),
-        "nonfinite_fraction": float(1.0 - np.isfinite(np.asarray(raw, dtype=np.float64)).mean()),
+        "nonfinite_fraction": nonfinite,
     }
     return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(affine), meta=meta)
+
+
+def is_label_map(path: str) -> bool:
+    """Whether a NIfTI file holds a label map: integer voxels stored without intensity scaling."""
+    image = nib.load(path)
+    if not np.issubdtype(image.get_data_dtype(), np.integer):
+        return False
+    # nibabel moves the header's scl_slope / scl_inter to the data proxy when it loads a file
+    slope, inter = getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)
+    return float(slope) == 1.0 and float(inter) == 0.0
 
 
 class LoadVolumed(MapTransform):
@@ -130,13 +200,19 @@ class LoadVolumed(MapTransform):
 
 
 def save_volume(path: str, data: np.ndarray | torch.Tensor, reference: nib.Nifti1Image, dtype=None) -> None:
-    """Write ``data`` (the shape of ``reference``) atomically with ``reference``'s header (affine, units, codes)."""
+    """Write ``data`` atomically with ``reference``'s header: the same voxel-to-world matrix, qform and sform (matrices
+    and codes, copied verbatim, so every reader puts the voxels where it puts the reference's), units and NIfTI
+    version. Intensity scaling, display range and description are reset, since the voxels are new."""
     array = np.asarray(data.detach().cpu() if isinstance(data, torch.Tensor) else data)
+    dtype = np.dtype(dtype or array.dtype)
     header = reference.header.copy()
-    header.set_data_dtype(dtype or array.dtype)
-    image = nib.Nifti1Image(array.astype(dtype or array.dtype), reference.affine, header)
-    image.set_qform(reference.affine, int(reference.header["qform_code"]) or 1)
-    image.set_sform(reference.affine, int(reference.header["sform_code"]) or 1)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    header["cal_min"], header["cal_max"] = 0.0, 0.0
+    header["descrip"] = b"KeyMorph registration output"
+    image_class = type(reference) if isinstance(reference, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
+    # With an affine equal to the header's, nibabel leaves the header's qform and sform (and their codes) untouched.
+    image = image_class(array.astype(dtype), reference.affine, header)
     write_atomically(path, lambda temporary: nib.save(image, temporary))
 
 

@@ -3,8 +3,21 @@
 For ``IN_DIR/NAME.nii.gz`` the writer fills ``OUT_DIR/NAME/`` with ``registered.nii.gz`` (the ORIGINAL moving image
 resampled onto the fixed image's native grid, with the fixed header), ``transform.tfm`` (ITK, fixed -> moving
 physical points, LPS), ``affine_ras.txt`` (moving RAS mm -> fixed RAS mm), ``keypoints_moving.csv`` and
-``keypoints_fixed.csv`` (RAS mm) and ``qc.png``; ``OUT_DIR/summary.csv`` gets one row per input. Every file is
-written atomically; finished cases are skipped on a rerun unless ``overwrite`` is set.
+``keypoints_fixed.csv`` (RAS mm), ``qc.png`` and, for each accompanying image ``EXTRA`` (``apply_to``),
+``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per input.
+
+Failures and reruns:
+
+* A bad input never stops the folder: it gets status ``error`` and a one-line message naming the file, and the
+  next input is registered. Registered cases get ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc`
+  flags them.
+* Outputs are atomic per case: the files are written into a hidden staging folder ``OUT_DIR/.keymorph-tmp-*``,
+  which then replaces ``OUT_DIR/NAME`` as a whole (rename), so ``OUT_DIR/NAME`` is either absent, the complete old
+  result or the complete new one, never a mix, even after a crash or kill (leftover hidden folders are removed by
+  the next run). Overwriting replaces the whole case folder, files added to it by hand included.
+* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``). Done cases are
+  skipped without being read or preprocessed, and keep their earlier summary row, unless ``overwrite`` is set.
+  Failed cases have no folder, so a rerun retries them.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import fnmatch
 import glob
 import logging
 import os
+import shutil
 import time
 
 import nibabel as nib
@@ -23,10 +37,11 @@ from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
+from scripts.cli import as_bool, optional
 from scripts.coordinates import resample_onto
 from scripts.errors import KeyMorphInputError
-from scripts.image_io import is_nifti, load_volume, save_volume
-from scripts.qc import qc_figure, qc_scores
+from scripts.image_io import is_label_map, is_nifti, load_volume, save_volume
+from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.transform_io import write_atomically, write_itk_transform, write_keypoints_csv, write_ras_matrix
 
 logger = logging.getLogger(__name__)
@@ -39,7 +54,19 @@ OUTPUT_FILES = (
     "keypoints_fixed.csv",
     "qc.png",
 )
-SUMMARY_COLUMNS = ["name", "status", "message", "seconds", "keypoint_residual_mm", "similarity"]
+SUMMARY_COLUMNS = [
+    "name",
+    "status",
+    "message",
+    "seconds",
+    "keypoint_residual_mm",
+    "similarity",
+    "brain_fill",
+    "smoothness",
+]
+STATUSES = ("ok", "suspect", "error", "skipped")
+# Hidden staging and swap folders in OUT_DIR: ".keymorph-tmp-PID-NAME", ".keymorph-old-PID-NAME".
+_STAGING_PREFIX = ".keymorph-"
 
 
 def case_name(path: str) -> str:
@@ -51,6 +78,50 @@ def case_name(path: str) -> str:
     return name
 
 
+def extra_output_name(path: str) -> str:
+    """File name of an accompanying image once registered: ``registered_`` + its own file name."""
+    return f"registered_{os.path.basename(path)}"
+
+
+def case_done(output_dir: str, name: str, extra=()) -> bool:
+    """Whether ``output_dir/name`` holds every output of a case with these accompanying images."""
+    folder = os.path.join(output_dir, name)
+    expected = [*OUTPUT_FILES, *[extra_output_name(p) for p in extra]]
+    return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _source(item: dict) -> str:
+    """The moving image's path of a dataset item, before or after preprocessing (then a MetaTensor)."""
+    image = item.get("original", item["image"])
+    if isinstance(image, str):
+        return image
+    return str(getattr(image, "meta", {}).get("filename_or_obj", item.get("name", "<image>")))
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The KeyMorphInputError (else the innermost error) behind MONAI's ``RuntimeError("applying transform ...")``
+    wrappers."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return next((e for e in chain if isinstance(e, KeyMorphInputError)), chain[-1])
+
+
+def _naming(error: BaseException, path: str) -> str:
+    """A one-line message for an exception while handling ``path``: starts with the file."""
+    error = _unwrap(error)
+    if isinstance(error, KeyMorphInputError):
+        text = _one_line(error)
+        return text if path in text else f"{path}: {text}"
+    reason = _one_line(error)
+    return f"{path}: {type(error).__name__}" + (f": {reason}" if reason else "")
+
+
 class RegistrationDataset(Dataset):
     """The cases to register, one dict per moving image: ``{"name", "image", "fixed", "extra"}``.
 
@@ -60,11 +131,16 @@ class RegistrationDataset(Dataset):
     not moving images themselves. Pairs mode: ``pairs_csv`` with columns ``moving``, ``fixed`` and optionally
     ``name`` and ``extra`` (paths separated by ``;``); relative paths are relative to the CSV.
 
+    Case names must be unique (they name the output folders): a second input with the same name (``a.nii`` next to
+    ``a.nii.gz``, or the same moving image in two rows of a pairs CSV without a ``name`` column) becomes an error
+    item saying so.
+
     ``mask_dir`` (for ``--skull_strip mask``): the brain mask of ``NAME.nii.gz`` is ``mask_dir/NAME.nii.gz`` (or
     ``.nii``), given to the preprocessing as ``mask_path``.
 
-    Items whose preprocessing fails come back as ``{"name", "image", "error"}`` so one bad file never stops the
-    folder.
+    With ``output_dir`` given and ``overwrite`` false, cases already done there (:func:`case_done`) come back as
+    ``{..., "skipped": True}`` without being read. Items whose preprocessing fails come back as ``{..., "error":
+    message}`` so one bad file never stops the folder.
     """
 
     def __init__(
@@ -75,11 +151,23 @@ class RegistrationDataset(Dataset):
         pairs_csv: str | None = None,
         apply_to: str | None = None,
         mask_dir: str | None = None,
+        output_dir: str | None = None,
+        overwrite: bool = False,
     ):
+        pairs_csv, apply_to, mask_dir = optional(pairs_csv), optional(apply_to), optional(mask_dir)
         items = self._pairs(pairs_csv) if pairs_csv else self._folder(dataset_dir, fixed_image, apply_to)
+        seen: dict[str, str] = {}
         for item in items:
             if mask_dir:
                 item["mask_path"] = self._mask_path(mask_dir, item["name"])
+            if item["name"] in seen:
+                item["error"] = (
+                    f"{item['image']}: case name {item['name']!r} is already used by {seen[item['name']]};"
+                    " rename one of them (or give a 'name' column in the pairs CSV)"
+                )
+            else:
+                seen[item["name"]] = item["image"]
+        self.output_dir, self.overwrite = output_dir, as_bool(overwrite, "overwrite")
         super().__init__(data=items, transform=transform)
 
     @staticmethod
@@ -111,19 +199,24 @@ class RegistrationDataset(Dataset):
         if not os.path.isfile(pairs_csv):
             raise KeyMorphInputError(f"{pairs_csv}: pairs CSV not found")
         root = os.path.dirname(os.path.abspath(pairs_csv))
-        with open(pairs_csv, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        try:
+            with open(pairs_csv, newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise KeyMorphInputError(f"{pairs_csv}: cannot read the pairs CSV ({_one_line(error)})") from None
         if not rows or not {"moving", "fixed"} <= set(rows[0]):
             raise KeyMorphInputError(f"{pairs_csv}: needs a header with the columns 'moving' and 'fixed'")
         items = []
-        for row in rows:
-            moving = os.path.join(root, row["moving"])
-            extra = [os.path.join(root, p) for p in (row.get("extra") or "").split(";") if p.strip()]
+        for number, row in enumerate(rows, start=2):
+            if not (row.get("moving") or "").strip() or not (row.get("fixed") or "").strip():
+                raise KeyMorphInputError(f"{pairs_csv}: line {number} has no 'moving' or no 'fixed' path")
+            moving = os.path.join(root, row["moving"].strip())
+            extra = [os.path.join(root, p.strip()) for p in (row.get("extra") or "").split(";") if p.strip()]
             items.append(
                 {
-                    "name": row.get("name") or case_name(moving),
+                    "name": (row.get("name") or "").strip() or case_name(moving),
                     "image": moving,
-                    "fixed": os.path.join(root, row["fixed"]),
+                    "fixed": os.path.join(root, row["fixed"].strip()),
                     "extra": extra,
                 }
             )
@@ -131,22 +224,24 @@ class RegistrationDataset(Dataset):
 
     def _transform(self, index: int):
         item = self.data[index]
+        if "error" in item:
+            return {**item, "seconds": 0.0}
+        if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
+            return {**item, "skipped": True, "seconds": 0.0}
         start = time.perf_counter()
         try:
             result = super()._transform(index)
-        except KeyMorphInputError as error:
-            result = {**item, "error": str(error)}
-        except Exception as error:  # a library failing on a file we did not foresee: still one line, still go on
-            reason = str(error).splitlines()[0] if str(error) else ""
-            result = {**item, "error": f"{item['image']}: {type(error).__name__}: {reason}"}
+        except Exception as error:  # KeyMorphInputError, or a library failing on a file we did not foresee
+            result = {**item, "error": _naming(error, item["image"])}
         return {**result, "seconds": time.perf_counter() - start}
 
 
 class RegistrationEvaluator(SupervisedEvaluator):
     """Registers each moving image of the dataset to its fixed image; one iteration per case.
 
-    The fixed images are preprocessed once with ``fixed_preprocessing`` and kept. The iteration output is a dict
-    with ``name``, ``status`` ("ok", "suspect", "error" or "skipped"), ``message``, ``seconds`` and, for registered
+    The fixed images are preprocessed once with ``fixed_preprocessing`` and kept (a fixed image that fails is an
+    error for each of its cases). The iteration output is a dict with ``name``, ``status`` ("ok", "error" or
+    "skipped"; the writer turns "ok" into "suspect" when QC flags it), ``message``, ``seconds`` and, for registered
     cases, the :class:`scripts.registration.Registration` and the network-grid images for the writer.
     """
 
@@ -172,33 +267,100 @@ class RegistrationEvaluator(SupervisedEvaluator):
         )
         self.fixed_preprocessing = fixed_preprocessing
         self.output_dir = output_dir
-        self.overwrite = overwrite
-        self._fixed_cache: dict[str, dict] = {}
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self._fixed_cache: dict[str, dict | str] = {}
 
     def fixed(self, path: str) -> dict:
+        """The preprocessed fixed image; raises :class:`KeyMorphInputError` (every time) when it cannot be."""
         if path not in self._fixed_cache:
-            self._fixed_cache[path] = self.fixed_preprocessing({"image": path})
-        return self._fixed_cache[path]
+            try:
+                self._fixed_cache[path] = self.fixed_preprocessing({"image": path})
+            except Exception as error:
+                self._fixed_cache[path] = f"fixed image {_naming(error, path)}"
+        cached = self._fixed_cache[path]
+        if isinstance(cached, str):
+            raise KeyMorphInputError(cached)
+        return cached
 
-    def is_done(self, name: str) -> bool:
-        folder = os.path.join(self.output_dir, name)
-        return all(os.path.exists(os.path.join(folder, f)) for f in OUTPUT_FILES)
+    def is_done(self, name: str, extra=()) -> bool:
+        return case_done(self.output_dir, name, extra)
 
     def _iteration(self, engine: Engine, batchdata):
         item = batchdata[0]
         start = time.perf_counter() - item.get("seconds", 0.0)  # include the reading and preprocessing
         base = {"name": item["name"], "seconds": 0.0, "message": ""}
-        if not self.overwrite and self.is_done(item["name"]):
+        if item.get("skipped") or (
+            "error" not in item and not self.overwrite and self.is_done(item["name"], item.get("extra", ()))
+        ):
             return {**base, "status": "skipped", "message": "outputs exist (set --overwrite true to redo)"}
         if "error" in item:
             return {**base, "status": "error", "message": item["error"], "seconds": time.perf_counter() - start}
-        fixed = self.fixed(item["fixed"])
-        self.network.eval()
-        with torch.no_grad():
-            registration = self.inferer(
-                fixed["image"][None].to(engine.state.device), item["image"][None].to(engine.state.device), self.network
-            )
+        try:
+            fixed = self.fixed(item["fixed"])
+            self.network.eval()
+            with torch.no_grad():
+                registration = self.inferer(
+                    fixed["image"][None].to(engine.state.device),
+                    item["image"][None].to(engine.state.device),
+                    self.network,
+                    fixed_mask=fixed["mask"][None].to(engine.state.device),
+                )
+        except Exception as error:
+            logger.debug("registration of %s failed", _source(item), exc_info=True)
+            message = _naming(error, _source(item))
+            return {**base, "status": "error", "message": message, "seconds": time.perf_counter() - start}
         return {**base, "status": "ok", "registration": registration, "fixed": fixed, "moving": item, "start": start}
+
+
+def _remove_leftovers(output_dir: str) -> None:
+    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-NAME`` and
+    temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
+    kept)."""
+    for name in os.listdir(output_dir):
+        if name.startswith(_STAGING_PREFIX):
+            field = 2
+        elif name.startswith(".tmp-"):
+            field = 1
+        else:
+            continue
+        try:
+            pid = int(name.split("-")[field])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def replace_folder(staging: str, final: str) -> None:
+    """Put the complete folder ``staging`` in place of ``final`` (absent or a complete earlier result) by renames.
+
+    ``final`` is never a mix of both: it is renamed away first, then ``staging`` renamed to it, then the old copy
+    removed. A kill between the two renames leaves ``final`` absent (the case is redone on the next run).
+    """
+    parent, name = os.path.split(final)
+    if os.path.lexists(final):
+        old = os.path.join(parent, f"{_STAGING_PREFIX}old-{os.getpid()}-{name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
 
 
 class RegistrationWriter:
@@ -206,16 +368,30 @@ class RegistrationWriter:
 
     Args:
         output_dir: OUT_DIR.
-        similarity_threshold: cases whose aligned-image similarity (see :func:`scripts.qc.qc_scores`) falls below
-            it are marked "suspect".
+        similarity_threshold: cases whose aligned-image similarity (see :mod:`scripts.qc`) falls below it are
+            marked "suspect".
         residual_threshold: likewise for the keypoint fit residual in mm (above it: "suspect").
+        max_brain_fill: likewise for the fraction of the moving image inside its brain mask (above it: "suspect").
+        min_smoothness: likewise for the correlation of neighbouring moving brain voxels (below it: "suspect").
     """
 
-    def __init__(self, output_dir: str, similarity_threshold: float = 0.0, residual_threshold: float = float("inf")):
+    def __init__(
+        self,
+        output_dir: str,
+        similarity_threshold: float = QC_THRESHOLDS["min_similarity"],
+        residual_threshold: float = QC_THRESHOLDS["max_residual_mm"],
+        max_brain_fill: float = QC_THRESHOLDS["max_brain_fill"],
+        min_smoothness: float = QC_THRESHOLDS["min_smoothness"],
+    ):
         self.output_dir = output_dir
-        self.similarity_threshold = similarity_threshold
-        self.residual_threshold = residual_threshold
+        self.thresholds = {
+            "min_similarity": float(similarity_threshold),
+            "max_residual_mm": float(residual_threshold),
+            "max_brain_fill": float(max_brain_fill),
+            "min_smoothness": float(min_smoothness),
+        }
         self.rows: dict[str, dict] = {}
+        self.counts: dict[str, int] = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load_summary)
@@ -228,9 +404,11 @@ class RegistrationWriter:
 
     def _load_summary(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
+        _remove_leftovers(self.output_dir)
+        self.counts = {}
         if os.path.exists(self.summary_path):
             with open(self.summary_path, newline="") as handle:
-                self.rows = {row["name"]: row for row in csv.DictReader(handle)}
+                self.rows = {row["name"]: row for row in csv.DictReader(handle) if row.get("name")}
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -238,25 +416,46 @@ class RegistrationWriter:
         if output["status"] == "skipped":
             row = self.rows.get(output["name"], row)
         elif output["status"] == "ok":
+            moving_path = _source(output["moving"])
             try:
                 row.update(self._write_case(output))
-            except KeyMorphInputError as error:
-                row.update(status="error", message=str(error))
+            except Exception as error:  # one case must never stop the folder
+                logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
+                row.update(status="error", message=_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]
-        row["seconds"] = f"{float(row['seconds'] or 0):.2f}"
+        row["seconds"] = f"{float(row.get('seconds') or 0):.2f}"
         self.rows[output["name"]] = row
-        if row["status"] == "error":
+        status = "skipped" if output["status"] == "skipped" else row["status"]
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "error":
             logger.error(row["message"])
+        elif status == "suspect":
+            logger.warning(f"{output['name']}: {row['message']}")
         self._write_summary()
 
     def _write_case(self, output: dict) -> dict:
+        """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
+        name = output["name"]
+        final = os.path.join(self.output_dir, name)
+        staging = os.path.join(self.output_dir, f"{_STAGING_PREFIX}tmp-{os.getpid()}-{name}")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            fields = self._write_files(output, staging)
+            replace_folder(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return fields
+
+    def _write_files(self, output: dict, folder: str) -> dict:
         registration, fixed, moving = output["registration"], output["fixed"], output["moving"]
-        folder = os.path.join(self.output_dir, output["name"])
-        os.makedirs(folder, exist_ok=True)
-        matrix = registration.fixed_to_moving[0].cpu()
+        moving_volume = moving["original"]
+        source = moving_volume.meta.get("filename_or_obj", output["name"])
+        matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)
+        if not bool(torch.isfinite(matrix).all()) or abs(float(torch.linalg.det(matrix[:3, :3]))) < 1e-6:
+            raise KeyMorphInputError(f"{source}: registration failed (the fitted transform is degenerate)")
         fixed_file = nib.load(fixed["image"].meta["filename_or_obj"])
         fixed_affine = torch.from_numpy(np.asarray(fixed_file.affine, dtype=np.float64))
-        moving_volume = moving["original"]
         registered = resample_onto(
             moving_volume.as_tensor(),
             torch.as_tensor(moving_volume.affine, dtype=torch.float64),
@@ -273,34 +472,39 @@ class RegistrationWriter:
         )
         for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
             path = os.path.join(folder, f"keypoints_{role}.csv")
-            write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].cpu()))
+            write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
         scores = qc_scores(registration, fixed, moving)
         write_atomically(os.path.join(folder, "qc.png"), lambda p: qc_figure(p, registration, fixed, moving))
-        suspect = scores["similarity"] < self.similarity_threshold or scores["residual"] > self.residual_threshold
-        message = "QC flagged: low similarity or large keypoint residual; check qc.png" if suspect else ""
+        reasons = qc_flags(scores, self.thresholds)
+        notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
+        nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
+        if nonfinite > 0:
+            notes.append(f"{100 * nonfinite:.2g}% of the voxels were NaN or infinite (set to 0)")
         return {
-            "status": "suspect" if suspect else "ok",
-            "message": message,
+            "status": "suspect" if reasons else "ok",
+            "message": "; ".join(notes),
             "keypoint_residual_mm": f"{scores['residual']:.3f}",
             "similarity": f"{scores['similarity']:.4f}",
+            "brain_fill": f"{scores['brain_fill']:.4f}",
+            "smoothness": f"{scores['smoothness']:.4f}",
         }
 
     @staticmethod
     def _write_extra(path: str, folder: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
-        """Apply the transform to an accompanying image; integer images are label maps (nearest neighbour)."""
-        volume = load_volume(path)
-        is_label = np.issubdtype(nib.load(path).get_data_dtype(), np.integer)
-        data = volume.as_tensor()
+        """Apply the transform to an accompanying image; integer images are label maps (nearest neighbour, dtype
+        kept), others are resampled trilinearly to float32."""
+        volume = load_volume(path, require_contrast=False)
+        label = is_label_map(path)
         warped = resample_onto(
-            data,
+            volume.as_tensor(),
             torch.as_tensor(volume.affine, dtype=torch.float64),
             fixed_affine,
             fixed_file.shape[:3],
             matrix,
-            mode="nearest" if is_label else "bilinear",
+            mode="nearest" if label else "bilinear",
         )[0]
-        dtype = nib.load(path).get_data_dtype() if is_label else np.float32
-        save_volume(os.path.join(folder, f"registered_{os.path.basename(path)}"), warped.numpy(), fixed_file, dtype)
+        dtype = nib.load(path).get_data_dtype() if label else np.float32
+        save_volume(os.path.join(folder, extra_output_name(path)), warped.numpy(), fixed_file, dtype)
 
     def _write_summary(self) -> None:
         def write(path: str) -> None:
@@ -312,8 +516,8 @@ class RegistrationWriter:
         write_atomically(self.summary_path, write)
 
     def _report(self, engine: Engine) -> None:
-        counts: dict[str, int] = {}
-        for row in self.rows.values():
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-        engine.state.registration_counts = counts
-        logger.info(f"registered {len(self.rows)} case(s): {counts}; summary: {self.summary_path}")
+        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them)."""
+        engine.state.registration_counts = dict(self.counts)
+        total = sum(self.counts.values())
+        parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
+        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}")

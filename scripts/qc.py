@@ -1,14 +1,34 @@
 """Quality control of one registration: scores that flag doubtful results, and the ``qc.png`` figure.
 
-Scores (both on the network grid of the fixed image, inside its brain mask):
+Scores:
 
 * ``residual``: RMS distance in mm between the fitted transform of the fixed keypoints and the moving keypoints. A
   good registration of similar anatomy leaves a few mm; keypoints that found no consistent anatomy leave far more.
 * ``similarity``: normalized mutual information ``(H(F) + H(M)) / H(F, M) - 1`` of the fixed and aligned moving
-  images (0: independent, 1: one determines the other), meaningful across contrasts.
+  images on the fixed image's network grid, inside its brain mask (0: independent, 1: one determines the other),
+  meaningful across contrasts.
+* ``brain_fill``: the fraction of the moving image's field of view (native grid) inside its brain mask. A brain
+  fills at most about half of its bounding box (an ellipsoid fills pi/6 = 0.52 of its box), so a mask that fills the
+  image means no brain was found: pure noise, or a whole-head image given with ``--skull_strip none``.
+* ``smoothness``: the correlation of the intensities of neighbouring brain voxels of the moving image (native grid,
+  face neighbours both inside the brain mask). Anatomy varies slowly from voxel to voxel (0.94 for the MNI template
+  at 1 mm, above 0.4 when subsampled to 6 mm or with Gaussian noise of 10% of its maximum); white noise does not
+  (0.00 +- 0.02), whatever brain mask a skull stripper draws on it (deepbet finds a solid "brain" in noise).
+
+The decision (:func:`qc_flags`) is deliberately simple: a case is ``suspect`` when ANY score is on the wrong side of
+its threshold, and the summary message names each one. The four thresholds are settings of
+``configs/inference.yaml`` (``qc_min_similarity``, ``qc_max_residual_mm``, ``qc_max_brain_fill``,
+``qc_min_smoothness``). The first two depend on the trained network and the fixed image and are to be calibrated on
+it (their defaults 0 and 1000 mm never flag). The last two look at the moving image alone, are independent of the
+network, and flag an image of pure (white) noise whatever the keypoints do: ``smoothness`` below 0.1 with any skull
+stripping, and with ``--skull_strip none`` also ``brain_fill`` above 0.9 for positive noise. Noise with spatial
+correlation (e.g. smoothed) is left to the similarity threshold.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
 
 import matplotlib
 
@@ -17,9 +37,75 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from monai.transforms import MapTransform  # noqa: E402
 
 from scripts.coordinates import apply_affine  # noqa: E402
 from scripts.registration import Registration, warp_moving  # noqa: E402
+
+#: Default thresholds, the same as ``configs/inference.yaml``.
+QC_THRESHOLDS = {"min_similarity": 0.0, "max_residual_mm": 1000.0, "max_brain_fill": 0.9, "min_smoothness": 0.1}
+
+
+def brain_fill(mask: torch.Tensor) -> float:
+    """Fraction of the voxels of a mask ``(1, D, H, W)`` (or ``(D, H, W)``) that are brain (> 0.5)."""
+    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    return float((mask > 0.5).float().mean())
+
+
+def neighbour_correlation(image: torch.Tensor, mask: torch.Tensor, max_pairs: int = 300_000) -> float:
+    """Pearson correlation of the intensities of face-neighbouring voxel pairs that are both inside ``mask`` (> 0.5),
+    pooled over the three axes; ``image`` and ``mask`` are ``(1, D, H, W)`` or ``(D, H, W)`` on one grid. 1.0 when
+    the intensities inside the mask do not vary (nothing that looks like noise), 0.0 when no pair is inside.
+
+    Large images use the pairs starting at every n-th voxel along each axis (n chosen so about ``max_pairs``
+    positions per axis remain; the pairs are still neighbours), which keeps a 256^3 volume to a fraction of a second.
+    """
+    image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    values, brain = image.reshape(image.shape[-3:]), mask.reshape(mask.shape[-3:]) > 0.5
+    step = max(1, math.ceil((values.numel() / max_pairs) ** (1 / 3)))
+    firsts, seconds = [], []
+    for axis in range(3):
+        size = values.shape[axis]
+        if size < 2:
+            continue
+        pair = [
+            (t.narrow(axis, 0, size - 1)[::step, ::step, ::step], t.narrow(axis, 1, size - 1)[::step, ::step, ::step])
+            for t in (values, brain)
+        ]
+        both = pair[1][0] & pair[1][1]
+        firsts.append(pair[0][0][both].to(torch.float64))
+        seconds.append(pair[0][1][both].to(torch.float64))
+    if not firsts or sum(len(f) for f in firsts) < 2:
+        return 0.0
+    first, second = torch.cat(firsts), torch.cat(seconds)
+    first, second = first - first.mean(), second - second.mean()
+    spread = float(first.pow(2).mean().sqrt() * second.pow(2).mean().sqrt())
+    if spread <= 1e-12 * max(float(first.abs().max()), float(second.abs().max()), 1e-30) or spread == 0:
+        return 1.0
+    return float((first * second).mean()) / spread
+
+
+class MovingImageStatsd(MapTransform):
+    """Record the moving image's :func:`brain_fill` and ``smoothness`` (:func:`neighbour_correlation` inside the
+    brain mask) on its native grid, before the network grid crops and resamples it: ``data["brain_fill"]`` and
+    ``data["smoothness"]`` (see the module docstring).
+
+    Args:
+        keys: the image ``(1, D, H, W)`` (one key).
+        mask_key: its brain mask on the same grid.
+    """
+
+    def __init__(self, keys="image", mask_key: str = "mask"):
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d["brain_fill"] = brain_fill(d[self.mask_key])
+            d["smoothness"] = neighbour_correlation(d[key], d[self.mask_key])
+        return d
 
 
 def _grid(item: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +135,44 @@ def normalized_mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) 
 
 
 def qc_scores(registration: Registration, fixed: dict, moving: dict) -> dict[str, float]:
-    """``{"residual": mm, "similarity": NMI}`` of the first registration of the batch (see the module docstring)."""
+    """The scores of the module docstring for the first registration of the batch: ``residual`` (mm),
+    ``similarity``, and ``brain_fill`` and ``smoothness`` as :class:`MovingImageStatsd` recorded them in ``moving``
+    (NaN when it did not)."""
     warped = aligned_moving(registration, fixed, moving).numpy()
     mask = fixed["mask"][0].numpy() > 0.5
     fixed_values = fixed["image"][0].numpy()[mask]
     return {
         "residual": float(registration.residual[0]),
         "similarity": normalized_mutual_information(fixed_values, warped[mask]) if mask.any() else 0.0,
+        "brain_fill": float(moving.get("brain_fill", float("nan"))),
+        "smoothness": float(moving.get("smoothness", float("nan"))),
     }
+
+
+def qc_flags(scores: dict[str, float], thresholds: dict[str, float] | None = None) -> list[str]:
+    """Why a registration is doubtful: one short reason per score beyond its threshold (empty: not flagged).
+
+    Args:
+        scores: as returned by :func:`qc_scores`; a missing or NaN score flags nothing.
+        thresholds: ``min_similarity``, ``max_residual_mm``, ``max_brain_fill``, ``min_smoothness``; missing
+            entries take :data:`QC_THRESHOLDS`.
+    """
+    limits = {**QC_THRESHOLDS, **(thresholds or {})}
+    nan = float("nan")
+    reasons = []
+    if scores.get("similarity", nan) < limits["min_similarity"]:
+        reasons.append(f"low similarity to the fixed image ({scores['similarity']:.3f})")
+    if scores.get("residual", nan) > limits["max_residual_mm"]:
+        reasons.append(f"large keypoint residual ({scores['residual']:.1f} mm)")
+    if scores.get("brain_fill", nan) > limits["max_brain_fill"]:
+        reasons.append(
+            f"brain mask fills {100 * scores['brain_fill']:.0f}% of the image (noise, or not skull-stripped?)"
+        )
+    if scores.get("smoothness", nan) < limits["min_smoothness"]:
+        reasons.append(
+            f"neighbouring voxels are unrelated, like noise (smoothness {round(scores['smoothness'], 2) + 0.0:.2f})"
+        )
+    return reasons
 
 
 def qc_figure(path: str, registration: Registration, fixed: dict, moving: dict) -> None:
