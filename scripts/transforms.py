@@ -40,16 +40,21 @@ def brain_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """Centre of mass ``(3,)``, covariance ``(3, 3)`` (mm^2) and third moments along world axes of a brain mask.
 
     Args:
-        mask: ``(1, D, H, W)`` MetaTensor, brain > 0.5.
+        mask: ``(1, D, H, W)`` MetaTensor, brain > 0.5; voxels finer than 2 mm are sampled every ``2 mm // spacing``.
 
     Returns:
-        ``(center, covariance, points)`` where ``points`` are the brain voxels' world coordinates minus the centre,
+        ``(center, covariance, points)`` where ``points`` are the sampled brain voxels' world coordinates minus the
+        centre,
         ``(N, 3)`` float64, kept for the sign choice of the principal axes.
     """
-    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    affine = _affine(mask)
+    # moments of a lattice of about 2 mm are as good for placing a grid and 8x cheaper on a 1 mm mask
+    stride = [max(1, int(2.0 / float(s))) for s in affine[:3, :3].norm(dim=0)]
+    sampled = torch.as_tensor(mask[0])[:: stride[0], :: stride[1], :: stride[2]]
+    voxels = torch.nonzero(sampled > 0.5).to(torch.float64) * torch.tensor(stride, dtype=torch.float64)
     if len(voxels) < 8:
         raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; no brain to register")
-    points = apply_affine(_affine(mask), voxels)
+    points = apply_affine(affine, voxels)
     center = points.mean(0)
     points = points - center
     return center, points.T @ points / len(points), points
