@@ -108,3 +108,22 @@ def test_pinned_version_matches_requirements(package):
     pinned = _requirement_pins().get(_normalize(package))
     assert pinned is not None, f"{package} is in metadata.json but not pinned (==) in requirements.txt"
     assert pinned == stated, f"{package}: metadata.json says {stated}, requirements.txt pins {pinned}"
+
+
+def docs_eval_metrics(text: str) -> dict[str, float]:
+    """The metric table between the eval_metrics markers of docs/README.md, as ``{name: value}``."""
+    block = text.split("<!-- eval_metrics:", 1)[1].split("<!-- end eval_metrics -->", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in block.splitlines() if line.strip().startswith("|")]
+    return {name.strip(): float(value) for name, value in rows[2:]}  # after the header and separator rows
+
+
+def test_eval_metrics_equal_the_model_card():
+    """The zoo requires metadata's eval_metrics to be the figures the model card shows."""
+    text = (ROOT / "docs" / "README.md").read_text()
+    assert "<!-- eval_metrics:" in text and "<!-- end eval_metrics -->" in text
+    assert docs_eval_metrics(text) == json.loads(META_FILE.read_text())["eval_metrics"]
+
+
+def test_docs_eval_metrics_parser_reads_rows():
+    text = "<!-- eval_metrics: x -->\n| metric | value |\n|---|---|\n| mean_dice | 0.81 |\n<!-- end eval_metrics -->"
+    assert docs_eval_metrics(text) == {"mean_dice": 0.81}
