@@ -752,23 +752,11 @@ def read_rows(path: str) -> list[dict]:
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
-    """``cases.csv`` (columns :data:`COLUMNS`; unknown values empty), written atomically."""
+    """``cases.csv`` (columns :data:`COLUMNS`; unknown values empty), written atomically, methods in order."""
+    from scripts.evaluation import write_cases_csv
 
-    def cell(value):
-        if isinstance(value, float):
-            return "" if not math.isfinite(value) else f"{value:.6g}"
-        return value
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in sorted(
-                rows, key=lambda r: (r["case"], METHODS.index(r["method"]) if r["method"] in METHODS else 9)
-            ):
-                writer.writerow({column: cell(row.get(column, "")) for column in COLUMNS})
-
-    write_atomically(path, write)
+    order = {method: index for index, method in enumerate(METHODS)}
+    write_cases_csv(path, rows, COLUMNS, sort_key=lambda r: (r["case"], order.get(r["method"], len(order))))
 
 
 def _value(x) -> float | None:

@@ -809,8 +809,9 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def write_cases_csv(path: str, rows: list[dict]) -> None:
-    """``cases.csv``: one row per case, columns :data:`CASE_COLUMNS`; unknown values (NaN) are empty."""
+def write_cases_csv(path: str, rows: list[dict], columns: list[str] = CASE_COLUMNS, sort_key=None) -> None:
+    """``cases.csv``: one row per case (sorted by ``sort_key``, default the case number), ``columns`` (default
+    :data:`CASE_COLUMNS`); unknown values (missing or NaN) are empty. Written atomically."""
 
     def cell(value):
         if isinstance(value, float):
@@ -819,10 +820,10 @@ def write_cases_csv(path: str, rows: list[dict]) -> None:
 
     def write(temporary: str) -> None:
         with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CASE_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            for row in sorted(rows, key=lambda r: r["case"]):
-                writer.writerow({column: cell(row[column]) for column in CASE_COLUMNS})
+            for row in sorted(rows, key=sort_key or (lambda r: r["case"])):
+                writer.writerow({column: cell(row.get(column, "")) for column in columns})
 
     write_atomically(path, write)
 

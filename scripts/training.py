@@ -29,8 +29,25 @@ def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
     return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
 
 
-def _gradients_finite(network: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+def _optimizer_step(engine: Engine, loss) -> bool:
+    """Back-propagate ``loss`` and step, unless the loss or a gradient is not finite: then log the iteration and
+    stop the run (the last checkpoint stays the last good one). Returns whether the step was taken.
+
+    A degenerate fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on those.
+    """
+    problem = None
+    if not torch.is_tensor(loss) or not torch.isfinite(loss):
+        problem = f"loss is {loss} (not finite)"
+    else:
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in engine.network.parameters() if p.grad is not None):
+            problem = "non-finite gradients"
+    if problem:
+        engine.logger.error(f"iteration {engine.state.iteration}: {problem}; stopping")
+        engine.terminate()
+        return False
+    engine.optimizer.step()
+    return True
 
 
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
@@ -112,17 +129,8 @@ class KeyMorphTrainer(SupervisedTrainer):
             terms["keypoints"] = (registration.moving_points[known] - expected).pow(2).sum(-1).mean() / 100.0
         weights = {"dice": loss_fn.dice_weight, "image": loss_fn.image_weight, "keypoints": loss_fn.keypoint_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
-        if not torch.is_tensor(loss) or not torch.isfinite(loss):
-            engine.logger.error(f"iteration {engine.state.iteration}: loss is {loss} (not finite); stopping")
-            engine.terminate()
+        if not _optimizer_step(engine, loss):
             return {"loss": float("nan")}
-        loss.backward()
-        if not _gradients_finite(engine.network):
-            # a degenerate fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on them
-            engine.logger.error(f"iteration {engine.state.iteration}: non-finite gradients; stopping")
-            engine.terminate()
-            return {"loss": float("nan")}
-        engine.optimizer.step()
         output = {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
         output["residual_mm"] = registration.residual.mean().item()
         return output
@@ -145,16 +153,8 @@ class KeypointPretrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=True)
         points = keypoints_world(engine.network, image, affine)
         loss = (points - target).pow(2).sum(-1).mean() / 100.0
-        if not torch.isfinite(loss):
-            engine.logger.error(f"iteration {engine.state.iteration}: loss is {loss.item()} (not finite); stopping")
-            engine.terminate()
+        if not _optimizer_step(engine, loss):
             return {"loss": float("nan")}
-        loss.backward()
-        if not _gradients_finite(engine.network):
-            engine.logger.error(f"iteration {engine.state.iteration}: non-finite gradients; stopping")
-            engine.terminate()
-            return {"loss": float("nan")}
-        engine.optimizer.step()
         return {"loss": loss.item(), "rmse_mm": math.sqrt(100.0 * loss.item())}
 
 
