@@ -4,7 +4,8 @@ Everything a user can get wrong in the settings of ``configs/inference.yaml`` is
 :func:`check_inference_settings` (the config's ``initialize``) before any image is read, and reported as one line
 ``keymorph: error: <file or setting>: <problem>`` with exit code 2 and no traceback (:func:`fail`). Problems with
 single inputs are not settings: they become ``error`` rows of ``summary.csv`` and exit code 1
-(:func:`run_registration`).
+(:func:`run_registration`). The training workflows (``configs/pretrain.yaml``, ``configs/train.yaml``) check their
+data source, start weights and output folder the same way (:func:`check_training_settings`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ast
 import difflib
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -408,3 +410,85 @@ def check_inference_settings(
     problem = weights_problem(ckpt_path, bundle_root, network)
     if problem:
         fail(problem)
+
+
+def check_training_settings(
+    dataset_dir: str,
+    output_dir: str,
+    pretrained_ckpt: str | None = None,
+    checkpoint_dir: str | None = None,
+    exclude: Sequence[str] = (),
+    validation_subjects: Sequence[str] | None = None,
+    skull_strip: str | None = None,
+    reference_label_map: str | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Check the settings of a training workflow (pretraining or training) before anything is built; exits
+    (:func:`fail`, code 2) with one line on the first problem.
+
+    In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
+    ``argv`` defaults to ``sys.argv``); ``skull_strip`` when given ("deepbet" or "none"); the data:
+    ``dataset_dir`` exists and is a folder of label maps, an IXI-layout folder or a CSV datalist (see
+    :func:`scripts.datalists.detect_source`) with images left for training once the subjects of ``exclude`` are
+    held out and, given ``validation_subjects``, images of those for validation (the choices of
+    :func:`scripts.training_data.training_images`), or, given ``reference_label_map`` (pretraining on that label
+    map alone; ``dataset_dir`` is then not read), that file exists; ``pretrained_ckpt`` when given (a readable
+    checkpoint file; not checked when ``checkpoint_dir`` holds a checkpoint to resume from, which the workflows
+    then use instead); the output folder (created, and written to).
+
+    Give it plain setting values only, not components of the config (see :func:`check_inference_settings`).
+    """
+    from scripts.checkpoints import checkpoint_problem
+
+    problem = unknown_setting(argv)
+    if problem:
+        fail(problem)
+    skull_strip = optional(skull_strip)
+    if skull_strip is not None and skull_strip not in ("deepbet", "none"):
+        fail(f"--skull_strip {skull_strip!r}: not one of deepbet, none (images with a mask file use it)")
+    reference_label_map = optional(reference_label_map)
+    if reference_label_map is None:
+        problem = _dataset_problem(optional(dataset_dir), exclude, validation_subjects)
+        if problem:
+            fail(problem)
+    elif not os.path.isfile(str(reference_label_map)):
+        fail(f"{reference_label_map}: label map not found (--reference_label_map)")
+    pretrained_ckpt = optional(pretrained_ckpt)
+    if pretrained_ckpt is not None and not _has_checkpoints(checkpoint_dir):
+        pretrained_ckpt = str(pretrained_ckpt)
+        if not os.path.isfile(pretrained_ckpt):
+            fail(f"{pretrained_ckpt}: start weights not found (--pretrained_ckpt)")
+        problem = checkpoint_problem(pretrained_ckpt)
+        if problem:
+            fail(f"{pretrained_ckpt}: {problem} (--pretrained_ckpt)")
+    problem = _writable_folder_problem(str(output_dir))
+    if problem:
+        fail(problem)
+
+
+def _dataset_problem(
+    dataset_dir: str | None, exclude: Sequence[str] = (), validation_subjects: Sequence[str] | None = None
+) -> str | None:
+    """The one-line problem with a training source (see :func:`check_training_settings`), or None."""
+    from scripts.training_data import training_images
+
+    sources = "a folder of label maps, an IXI-layout folder or a CSV datalist"
+    if dataset_dir is None:
+        return f"--dataset_dir: not set ({sources})"
+    dataset_dir = str(dataset_dir)
+    if not os.path.exists(dataset_dir):
+        return f"{dataset_dir}: not found (--dataset_dir: {sources})"
+    try:
+        training_images(dataset_dir, "train", list(exclude or ()))
+        if validation_subjects is not None:
+            training_images(dataset_dir, "validation", include=list(validation_subjects))
+    except KeyMorphInputError as error:
+        return str(error)
+    return None
+
+
+def _has_checkpoints(checkpoint_dir: str | None) -> bool:
+    """Whether ``checkpoint_dir`` holds an iteration checkpoint (a run to resume; not read here)."""
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        return False
+    return any(re.search(r"iteration=\d+\.pt$", name) for name in os.listdir(checkpoint_dir))

@@ -72,6 +72,72 @@ def load_label_on_grid(path: str, image: MetaTensor) -> MetaTensor:
     return label.round().to(torch.int32)
 
 
+class ImagePreparation:
+    """The kept (cached) form of one datalist image, as training, pretraining and evaluation use it.
+
+    ``preprocessing`` (read, RAS, [0, 1] intensities), then the brain mask, from the entry's ``mask`` file if given
+    (:class:`scripts.skull_strip.SkullStripd` backend "mask") else from ``skull_strip`` ("deepbet", or "none" for
+    brain-extracted images), which zeroes the image outside the brain; the ``label`` file if given (nearest
+    neighbour onto the image grid); then, with ``spacing``, resampling to ``spacing`` mm (MONAI ``Spacingd``, the
+    image blurred first against aliasing) and, always, cropping to the brain mask with :data:`CROP_MARGIN` voxels
+    of air. Kept: the image (float32), the mask (uint8) and labels (int32), about 2 MB per image at 2 mm; deepbet
+    takes seconds per image on a CPU, so give masks when there are many. Reading, reorienting, resampling and
+    cropping change the voxel grid, never the world: the kept image lies in its file's world.
+
+    Args:
+        preprocessing: dictionary transform reading ``data["image"]`` (a path); default
+            :func:`default_preprocessing`, the one of ``configs/train.yaml``.
+        spacing: spacing (mm) of the kept images; None keeps each image's own grid.
+        skull_strip: brain-mask backend for images without a mask file: "deepbet" or "none".
+
+    Raises:
+        KeyMorphInputError: an unreadable image, label or mask file, or an empty brain (naming the file).
+    """
+
+    def __init__(self, preprocessing=None, spacing: float | None = 2.0, skull_strip: str = "deepbet"):
+        self.preprocessing = default_preprocessing() if preprocessing is None else preprocessing
+        self.spacing = spacing
+        self.skull_strip = SkullStripd(keys="image", backend=skull_strip)
+        self.mask_file = SkullStripd(keys="image", backend="mask", mask_path_key="mask_path")
+
+    def __call__(self, entry: dict) -> dict:
+        """The kept form of one datalist entry: ``{"image", "mask"[, "label"]}`` MetaTensors on one grid."""
+        data = self.preprocessing({"image": entry["image"]})
+        if entry.get("mask"):
+            data = self.mask_file({"image": data["image"], "mask_path": entry["mask"]})
+        else:
+            data = self.skull_strip({"image": data["image"]})
+        item = {"image": data["image"], "mask": data["mask"]}
+        keys, modes = ["image", "mask"], ["bilinear", "bilinear"]
+        if entry.get("label"):
+            item["label"] = load_label_on_grid(entry["label"], item["image"])
+            keys.append("label")
+            modes.append("nearest")
+        if self.spacing is not None:
+            image = item["image"]
+            blurred = _anti_alias(image.as_tensor(), torch.as_tensor(image.affine, dtype=torch.float64), self.spacing)
+            item["image"] = convert_to_dst_type(blurred, image)[0]
+            item = Spacingd(keys, pixdim=self.spacing, mode=modes, padding_mode="zeros")(item)
+        item["mask"] = (item["mask"] > 0.5).to(torch.uint8)
+        item = CropForegroundd(
+            keys, "mask", margin=CROP_MARGIN, allow_smaller=True, start_coord_key=None, end_coord_key=None
+        )(item)
+        item["image"] = item["image"].to(torch.float32)
+        if "label" in item:
+            item["label"] = item["label"].round().to(torch.int32)
+        return item
+
+    def prepare_all(self, datalist: list[dict]) -> list[dict]:
+        """The kept form of every entry of ``datalist``, in order (with a progress bar)."""
+        return [self(entry) for entry in tqdm(datalist, desc="preparing images", unit="image")]
+
+
+def world_transforms(datalist: list[dict]) -> list[torch.Tensor]:
+    """Each entry's ``world_transform`` (common world -> image file world, see the module docstring) as a ``(4, 4)``
+    float64 tensor; the identity for entries without one."""
+    return [torch.as_tensor(entry.get("world_transform", torch.eye(4)), dtype=torch.float64) for entry in datalist]
+
+
 class ImagePairDataset(Randomizable, Dataset):
     """Pairs of real images from a datalist, in the format of :class:`scripts.training_data.SyntheticPairDataset`.
 
@@ -85,13 +151,9 @@ class ImagePairDataset(Randomizable, Dataset):
     ``modality``.
 
     Every image is prepared once, when the dataset is made, and kept in memory (so each file is read once, whatever
-    the DataLoader's workers): ``preprocessing`` (read, RAS, [0, 1] intensities), then the brain mask, from the
-    datalist's ``mask`` file if given (:class:`scripts.skull_strip.SkullStripd` backend "mask") else from
-    ``skull_strip`` ("deepbet", or "none" for brain-extracted images), which zeroes the image outside the brain;
-    the ``label`` file if given (nearest neighbour onto the image grid); then, with ``spacing``, resampling to
-    ``spacing`` mm (MONAI ``Spacingd``, the image blurred first against aliasing) and, always, cropping to the brain
-    mask with :data:`CROP_MARGIN` voxels of air. Kept: the image (float32), the mask (uint8) and labels (int32),
-    about 2 MB per image at 2 mm; deepbet takes seconds per image on a CPU, so give masks when there are many.
+    the DataLoader's workers), by :class:`ImagePreparation`: ``preprocessing`` (read, RAS, [0, 1] intensities),
+    the brain mask (the datalist's ``mask`` file if given, else ``skull_strip``), the ``label`` file if given, then
+    ``spacing`` mm and a crop to the brain.
 
     Args:
         datalist: images as :func:`scripts.datalists.ixi_datalist` or :func:`scripts.datalists.csv_datalist` give.
@@ -127,46 +189,19 @@ class ImagePairDataset(Randomizable, Dataset):
         self.augmentation = copy.copy(augmentation)
         self.augmentation.allow_missing_keys = True
         self.frame = frame
-        self.preprocessing = default_preprocessing() if preprocessing is None else preprocessing
-        self.spacing = spacing
+        self.preparation = ImagePreparation(preprocessing, spacing, skull_strip)
+        self.preprocessing, self.spacing = self.preparation.preprocessing, spacing
         self.same_subject_probability = same_subject_probability
-        self.skull_strip = SkullStripd(keys="image", backend=skull_strip)
-        self.mask_file = SkullStripd(keys="image", backend="mask", mask_path_key="mask_path")
         by_subject: dict[str, list[int]] = {}
         for index, entry in enumerate(self.datalist):
             by_subject.setdefault(entry["subject"], []).append(index)
         self.subjects = list(by_subject.values())
-        self.world = [
-            torch.as_tensor(entry.get("world_transform", torch.eye(4)), dtype=torch.float64) for entry in self.datalist
-        ]
-        self.cache = [self.prepare(entry) for entry in tqdm(self.datalist, desc="preparing images", unit="image")]
+        self.world = world_transforms(self.datalist)
+        self.cache = self.preparation.prepare_all(self.datalist)
 
     def prepare(self, entry: dict) -> dict:
-        """The kept form of one datalist entry: ``{"image", "mask"[, "label"]}`` MetaTensors on one grid."""
-        data = self.preprocessing({"image": entry["image"]})
-        if entry.get("mask"):
-            data = self.mask_file({"image": data["image"], "mask_path": entry["mask"]})
-        else:
-            data = self.skull_strip({"image": data["image"]})
-        item = {"image": data["image"], "mask": data["mask"]}
-        keys, modes = ["image", "mask"], ["bilinear", "bilinear"]
-        if entry.get("label"):
-            item["label"] = load_label_on_grid(entry["label"], item["image"])
-            keys.append("label")
-            modes.append("nearest")
-        if self.spacing is not None:
-            image = item["image"]
-            blurred = _anti_alias(image.as_tensor(), torch.as_tensor(image.affine, dtype=torch.float64), self.spacing)
-            item["image"] = convert_to_dst_type(blurred, image)[0]
-            item = Spacingd(keys, pixdim=self.spacing, mode=modes, padding_mode="zeros")(item)
-        item["mask"] = (item["mask"] > 0.5).to(torch.uint8)
-        item = CropForegroundd(
-            keys, "mask", margin=CROP_MARGIN, allow_smaller=True, start_coord_key=None, end_coord_key=None
-        )(item)
-        item["image"] = item["image"].to(torch.float32)
-        if "label" in item:
-            item["label"] = item["label"].round().to(torch.int32)
-        return item
+        """The kept form of one datalist entry (see :class:`ImagePreparation`)."""
+        return self.preparation(entry)
 
     def __len__(self) -> int:
         return self.length

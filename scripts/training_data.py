@@ -1,4 +1,5 @@
 """Training data. Pairs: two images on their network grids, with labels, masks and, for one subject, the true transform.
+Pretraining items: one reference subject's image moved by a random affine, with K reference points that move with it.
 
 A pair is ``{"fixed": item, "moving": item, "same_subject": bool}``; an item is the dict of one image after the
 training pipeline (``image``, ``mask`` and optional ``label`` as ``(1, S, S, S)`` MetaTensors on the network grid,
@@ -18,9 +19,10 @@ import torch
 from monai.transforms import CropForeground, Randomizable
 from torch.utils.data import Dataset
 
+from scripts.coordinates import apply_affine
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
-from scripts.image_pairs import ImagePairDataset
+from scripts.image_pairs import ImagePairDataset, ImagePreparation, world_transforms
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map
 from scripts.transforms import random_points_in_mask
 
@@ -186,6 +188,89 @@ class PretrainingDataset(Randomizable, Dataset):
         return self
 
 
+class ImagePretrainingDataset(Randomizable, Dataset):
+    """Items for keypoint pretraining from real images: one reference subject's images (all its modalities, one
+    picked at random for each item, so pretraining also teaches contrast invariance), moved by a random affine,
+    with K reference points that move with them.
+
+    The images are prepared once as for training pairs (:class:`scripts.image_pairs.ImagePreparation`: RAS,
+    [0, 1] intensities, the brain mask from the ``mask`` file or ``skull_strip``, ``spacing`` mm, cropped to the
+    brain) and kept. The K points are drawn once, uniformly inside the first image's brain mask, in its world, and
+    kept in the subject's common world (see :mod:`scripts.image_pairs`): an image whose datalist entry has
+    ``world_transform`` ``W`` (common world -> its world) gets the points ``W q``, so they mark the same anatomy in
+    every modality (images without one are taken to share the common world). ``augmentation`` moves image, mask,
+    label and points (``point_keys="points"``); it is used as given, not copied (a
+    :class:`scripts.training.AugmentationRamp` adjusts its ranges during training), and told to tolerate images
+    without a label file. Items, in the format of :class:`PretrainingDataset`: ``image``, ``mask`` and (with a
+    label file) ``label`` on the network grid, ``points`` ``(K, 3)`` float64 world mm, plus ``world_transform``
+    (augmentation @ ``W``, as in :class:`scripts.image_pairs.ImagePairDataset`) and ``modality``.
+
+    Args:
+        datalist: the reference subject's images (entries of :func:`scripts.datalists.ixi_datalist` or
+            :func:`scripts.datalists.csv_datalist`, one subject).
+        num_keypoints: K.
+        length: items per epoch (the draws are random; the index only counts).
+        augmentation: random world affine of image, label, mask and points.
+        frame: network-grid resampling of image, mask and label.
+        preprocessing, spacing, skull_strip: see :class:`scripts.image_pairs.ImagePreparation`.
+        seed: seed of the reference points (fixed for a run, so a resumed run regresses the same points).
+
+    Raises:
+        KeyMorphInputError: an unreadable image, label or mask file, or an empty brain (naming the file).
+    """
+
+    def __init__(
+        self,
+        datalist: list[dict],
+        num_keypoints: int,
+        length: int,
+        augmentation,
+        frame,
+        preprocessing=None,
+        spacing: float | None = 2.0,
+        seed: int = 0,
+        skull_strip: str = "deepbet",
+    ):
+        subjects = {entry["subject"] for entry in datalist}
+        if len(subjects) != 1:
+            raise ValueError(f"pretraining needs the images of one subject, got {len(subjects)} subjects")
+        self.datalist = [dict(entry) for entry in datalist]
+        self.length = int(length)
+        self.augmentation, self.frame = augmentation, frame
+        if any(not entry.get("label") for entry in self.datalist):
+            self.augmentation.allow_missing_keys = True
+        self.world = world_transforms(self.datalist)
+        self.cache = ImagePreparation(preprocessing, spacing, skull_strip).prepare_all(self.datalist)
+        points = random_points_in_mask(self.cache[0]["mask"], num_keypoints, np.random.RandomState(seed))
+        #: the reference points in the subject's common world, ``(K, 3)`` float64
+        self.points = apply_affine(torch.linalg.inv(self.world[0]), points)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def make_item(self, index: int) -> dict:
+        """One item from the kept image ``index`` of the datalist: its reference points, augmented and framed."""
+        item = dict(self.cache[index])  # the augmentation moves copies: the cache stays
+        item["points"] = apply_affine(self.world[index], self.points)
+        item = self.augmentation(item)
+        item["world_transform"] = item["world_transform"] @ self.world[index]
+        item = self.frame(item)
+        item["modality"] = self.datalist[index]["modality"]
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        return self.make_item(self.R.randint(len(self.datalist)))
+
+    def randomize(self, data=None) -> None:  # draws happen in __getitem__ with self.R
+        pass
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        for transform in (self.augmentation, self.frame):
+            transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
+        return self
+
+
 class FixedPairs(Dataset):
     """The first ``len(dataset)`` draws of a random pair dataset with ``seed``, drawn once and kept: a validation set
     that stays the same across epochs and resumed runs."""
@@ -199,6 +284,31 @@ class FixedPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.pairs[index]
+
+
+def training_images(
+    source: str, split: str, exclude: list[str] | tuple[str, ...] = (), include: list[str] | tuple[str, ...] = ()
+) -> tuple[str, list]:
+    """What ``source`` (see :func:`scripts.datalists.detect_source`) holds for one split: ``("label_maps", paths)``
+    or ``("ixi" | "csv", datalist)``.
+
+    Subjects whose file name (label maps) or subject id (IXI, CSV) contains an entry of ``exclude`` are left out;
+    with ``include``, only those are used (the validation split). A CSV with a ``split`` column instead gives the
+    rows whose split is ``split``. Raises :class:`KeyMorphInputError` (one line naming ``source`` or the bad file)
+    when ``source`` is missing or holds nothing usable for the split.
+    """
+    if not os.path.exists(source):
+        raise KeyMorphInputError(f"{source}: dataset_dir not found")
+    kind = detect_source(source)
+    if kind != "label_maps":
+        datalist = csv_datalist(source) if kind == "csv" else ixi_datalist(source)
+        return kind, select_subjects(datalist, split, exclude, include, source)
+    label_maps = find_label_maps(source, exclude)
+    if include:
+        label_maps = [p for p in label_maps if any(name in os.path.basename(p) for name in include)]
+        if not label_maps:
+            raise KeyMorphInputError(f"{source}: no label maps of the {split} subjects {list(include)}")
+    return kind, label_maps
 
 
 def make_pair_dataset(
@@ -220,23 +330,51 @@ def make_pair_dataset(
     real ones (:class:`scripts.image_pairs.ImagePairDataset`, with ``preprocessing`` and, for images without a mask
     file, the brain-mask backend ``skull_strip``; ``spacing`` is then the spacing the images are kept at).
 
-    Subjects whose file name (label maps) or subject id (IXI, CSV) contains an entry of ``exclude`` are left out;
-    with ``include``, only those are used (the validation split). A CSV with a ``split`` column instead gives the
-    rows whose split is ``split``. Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing
-    usable.
+    The subjects of ``split`` are chosen by :func:`training_images` (``exclude``, ``include`` or a CSV ``split``
+    column). Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing usable.
     """
-    if not os.path.exists(source):
-        raise KeyMorphInputError(f"{source}: dataset_dir not found")
-    kind = detect_source(source)
+    kind, found = training_images(source, split, exclude, include)
     if kind != "label_maps":
-        datalist = csv_datalist(source) if kind == "csv" else ixi_datalist(source)
-        datalist = select_subjects(datalist, split, exclude, include, source)
         return ImagePairDataset(
-            datalist, length, augmentation, frame, preprocessing, spacing, same_subject_probability, skull_strip
+            found, length, augmentation, frame, preprocessing, spacing, same_subject_probability, skull_strip
         )
-    label_maps = find_label_maps(source, exclude)
-    if include:
-        label_maps = [p for p in label_maps if any(name in os.path.basename(p) for name in include)]
-        if not label_maps:
-            raise KeyMorphInputError(f"{source}: no label maps of the {split} subjects {list(include)}")
-    return SyntheticPairDataset(label_maps, length, synthesis, augmentation, frame, spacing, same_subject_probability)
+    return SyntheticPairDataset(found, length, synthesis, augmentation, frame, spacing, same_subject_probability)
+
+
+def make_pretraining_dataset(
+    source: str,
+    num_keypoints: int,
+    length: int,
+    synthesis,
+    augmentation,
+    frame,
+    preprocessing=None,
+    exclude: list[str] | tuple[str, ...] = (),
+    spacing: float = 2.0,
+    seed: int = 0,
+    skull_strip: str = "deepbet",
+    reference_label_map: str | None = None,
+):
+    """The pretraining dataset for ``source`` (see :func:`scripts.datalists.detect_source`); the reference subject
+    is the first one not excluded (subjects named like an entry of ``exclude``; a CSV ``split`` column instead
+    gives its ``train`` rows).
+
+    * a folder of label maps: :class:`PretrainingDataset` on the first label map, synthesized anew by
+      ``synthesis`` for each item (``reference_label_map``, when given, is used instead, as before: then
+      ``source`` is not read);
+    * an IXI-layout folder or a CSV datalist: :class:`ImagePretrainingDataset` on all images of the first subject
+      (``preprocessing``, ``skull_strip`` for images without a mask file, kept at ``spacing`` mm).
+
+    Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing usable.
+    """
+    if reference_label_map:
+        return PretrainingDataset(
+            reference_label_map, num_keypoints, length, synthesis, augmentation, frame, spacing, seed
+        )
+    kind, found = training_images(source, "train", exclude)
+    if kind == "label_maps":
+        return PretrainingDataset(found[0], num_keypoints, length, synthesis, augmentation, frame, spacing, seed)
+    reference = [entry for entry in found if entry["subject"] == found[0]["subject"]]
+    return ImagePretrainingDataset(
+        reference, num_keypoints, length, augmentation, frame, preprocessing, spacing, seed, skull_strip
+    )
