@@ -15,6 +15,7 @@ from ignite.engine import Engine
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
+from scripts.coordinates import apply_affine
 from scripts.registration import keypoints_world, register, warp_moving
 from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
 
@@ -50,6 +51,13 @@ def _optimizer_step(engine: Engine, loss) -> bool:
     return True
 
 
+def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
+    """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    voxels = voxels[:: max(1, len(voxels) // count)]
+    return apply_affine(torch.as_tensor(mask.affine, dtype=torch.float64), voxels)
+
+
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
     """``(B, 1, D, H, W)`` label maps -> ``(B, L, D, H, W)`` float one-hot of the brain structures ``label_values``."""
     values = torch.tensor(label_values, device=labels.device).view(1, -1, 1, 1, 1)
@@ -64,17 +72,26 @@ class RegistrationLoss:
     * ``image``: image dissimilarity of the warped moving image and the fixed image inside the network grid:
       ``"mse"`` or ``"lncc"`` for pairs of one modality, mutual information for pairs of two (always MI when
       ``image_loss="mi"``);
-    * ``keypoints``: for same-subject pairs, the mean squared distance (in units of 10 mm, squared) between the
-      moving keypoints and the fixed keypoints moved by the TRUE transform: the same anatomy must give the same
-      keypoints in every contrast.
+    * ``keypoints``: for same-subject pairs, the mean squared distance between the moving keypoints and the fixed
+      keypoints moved by the TRUE transform, divided by the fixed keypoints' spread (their summed variance): the
+      same anatomy must give the same keypoints in every contrast. Relative to the spread, because in millimetres
+      the term is smallest when all keypoints collapse onto one point, which leaves the fit undetermined;
+    * ``transform``: for same-subject pairs, the mean distance (in units of 10 mm) between the fitted and the TRUE
+      transform of the fixed brain's voxels: the target registration error itself.
     """
 
     def __init__(
-        self, dice_weight: float = 1.0, image_weight: float = 0.0, keypoint_weight: float = 0.0, image_loss: str = "mi"
+        self,
+        dice_weight: float = 1.0,
+        image_weight: float = 0.0,
+        keypoint_weight: float = 0.0,
+        transform_weight: float = 0.0,
+        image_loss: str = "mi",
     ):
         if image_loss not in ("mse", "lncc", "mi"):
             raise ValueError(f"image_loss must be mse, lncc or mi, got {image_loss!r}")
         self.dice_weight, self.image_weight, self.keypoint_weight = dice_weight, image_weight, keypoint_weight
+        self.transform_weight = transform_weight
         self.image_loss = image_loss
         self.dice = DiceLoss(include_background=True, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)
         self.mutual_information = GlobalMutualInformationLoss(num_bins=32, sigma_ratio=0.5)
@@ -123,11 +140,25 @@ class KeyMorphTrainer(SupervisedTrainer):
             same = all(f.get("modality") == m.get("modality") != "random" for f, m in zip(fixed, moving))
             terms["image"] = loss_fn.image_term(warped, fixed_image, same)
         known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
-        if loss_fn.keypoint_weight and known:
+        if known and (loss_fn.keypoint_weight or loss_fn.transform_weight):
             truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
-            expected = registration.fixed_points[known] @ truth[:, :3, :3].transpose(1, 2) + truth[:, None, :3, 3]
-            terms["keypoints"] = (registration.moving_points[known] - expected).pow(2).sum(-1).mean() / 100.0
-        weights = {"dice": loss_fn.dice_weight, "image": loss_fn.image_weight, "keypoints": loss_fn.keypoint_weight}
+            fixed_points = registration.fixed_points[known]
+            error = registration.moving_points[known] - apply_affine(truth, fixed_points)
+            spread = fixed_points.var(dim=1).sum(-1).clamp(min=1.0)  # (B,) mm^2
+            terms["keypoints"] = (error.pow(2).sum(-1).mean(-1) / spread).mean()
+            brain = [_brain_points(fixed[i]["mask"]).to(device) for i in known]
+            # the mean distance, not squared, so the large errors of early training do not swamp the other terms
+            errors = [
+                (apply_affine(registration.fixed_to_moving[i], p) - apply_affine(truth[j], p)).norm(dim=-1).mean()
+                for j, (i, p) in enumerate(zip(known, brain))
+            ]
+            terms["transform"] = torch.stack(errors).mean() / 10.0
+        weights = {
+            "dice": loss_fn.dice_weight,
+            "image": loss_fn.image_weight,
+            "keypoints": loss_fn.keypoint_weight,
+            "transform": loss_fn.transform_weight,
+        }
         loss = sum(weights[name] * value for name, value in terms.items())
         if not _optimizer_step(engine, loss):
             return {"loss": float("nan")}
