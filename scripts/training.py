@@ -51,6 +51,17 @@ def _optimizer_step(engine: Engine, loss) -> bool:
     return True
 
 
+def relative_keypoint_error(
+    fixed_points: torch.Tensor, moving_points: torch.Tensor, truth: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)`` mean squared distance between moving keypoints and fixed keypoints ``(B, K, 3)`` moved by the true
+    fixed-to-moving transforms ``(B, 4, 4)``, divided by the fixed keypoints' spread (summed variance, mm^2): the
+    same for any scale of the keypoint cloud, so collapsing the keypoints cannot lower it."""
+    error = moving_points - apply_affine(truth, fixed_points)
+    spread = fixed_points.var(dim=1).sum(-1).clamp(min=1e-6)
+    return error.pow(2).sum(-1).mean(-1) / spread
+
+
 def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
     """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
     voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
@@ -142,10 +153,9 @@ class KeyMorphTrainer(SupervisedTrainer):
         known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
         if known and (loss_fn.keypoint_weight or loss_fn.transform_weight):
             truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
-            fixed_points = registration.fixed_points[known]
-            error = registration.moving_points[known] - apply_affine(truth, fixed_points)
-            spread = fixed_points.var(dim=1).sum(-1).clamp(min=1.0)  # (B,) mm^2
-            terms["keypoints"] = (error.pow(2).sum(-1).mean(-1) / spread).mean()
+            terms["keypoints"] = relative_keypoint_error(
+                registration.fixed_points[known], registration.moving_points[known], truth
+            ).mean()
             brain = [_brain_points(fixed[i]["mask"]).to(device) for i in known]
             # the mean distance, not squared, so the large errors of early training do not swamp the other terms
             errors = [
