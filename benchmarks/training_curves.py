@@ -1,0 +1,82 @@
+"""Plot a training run's curves from its TensorBoard event files (what docs/README.md shows).
+
+    python benchmarks/training_curves.py --run_dir runs/train --output docs/training_curves.png [--smooth 50]
+
+One panel per scalar tag the run logged (the total loss, each loss term, the keypoint fit residual, the validation
+Dice), raw values faint and a moving average on top; runs resumed into the same folder are joined by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def read_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{tag: (steps, values)}`` over every event file of ``run_dir``, sorted by step (a resumed run's repeated
+    steps keep the newest value)."""
+    series: dict[str, dict[int, float]] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=os.path.getmtime):
+        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            series.setdefault(tag, {}).update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return {
+        tag: (np.array(sorted(values)), np.array([values[step] for step in sorted(values)]))
+        for tag, values in series.items()
+    }
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (shorter at the start)."""
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plot_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], output: str, smooth: int = 50) -> None:
+    """One panel per tag; saved as a PNG at ``output``."""
+    tags = sorted(scalars)
+    columns = min(3, len(tags)) or 1
+    rows = max(1, -(-len(tags) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
+    for ax, tag in zip(axes.ravel(), tags):
+        steps, values = scalars[tag]
+        ax.plot(steps, values, alpha=0.25, lw=0.8)
+        if len(values) > smooth:
+            ax.plot(steps, moving_average(values, smooth), lw=1.5)
+        ax.set_title(tag)
+        ax.set_xlabel("iteration" if len(values) > 100 else "step")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(tags) :]:
+        ax.set_axis_off()
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    figure.savefig(output, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run_dir", required=True, help="the workflow's output_dir (holds events.out.tfevents.*)")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    parser.add_argument("--smooth", type=int, default=50, help="moving-average window (points)")
+    args = parser.parse_args()
+    scalars = read_scalars(args.run_dir)
+    if not scalars:
+        raise SystemExit(f"keymorph: error: {args.run_dir}: no TensorBoard scalars found")
+    plot_curves(scalars, args.output, args.smooth)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()
