@@ -33,3 +33,27 @@ def test_keypoint_term_grows_with_the_error():
     fixed, moving, truth = _pair(1.0)
     worse = moving + torch.randn_like(moving) * 5
     assert relative_keypoint_error(fixed, worse, truth).item() > relative_keypoint_error(fixed, moving, truth).item()
+
+
+def test_coarse_dice_samples_the_moving_labels_at_the_coarse_cell_centres():
+    """With identical label maps and the identity, the moving one-hot maps sampled at the coarse cells' centres must
+    equal the fixed maps averaged over those cells (trilinear at a cell centre = the mean of its 8 voxels): the
+    Dice loss is then exactly that of the averaged maps with themselves."""
+    from monai.losses import DiceLoss
+
+    from scripts.registration import Registration
+    from scripts.training import RegistrationLoss, one_hot_labels
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (1, 1, 16, 16, 16)) * 2 + 2  # FreeSurfer-like values 2, 4, 6, 8
+    one_hot = one_hot_labels(labels, label_values=(2, 4, 6, 8))
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))[None]
+    identity = Registration(torch.eye(4, dtype=torch.float64)[None], None, None, torch.zeros(1))
+    loss = RegistrationLoss(dice_downsample=2)
+    pooled = torch.nn.functional.avg_pool3d(one_hot, 2)
+    expected = DiceLoss(include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(pooled, pooled)
+    assert torch.allclose(loss.label_dice(identity, one_hot, affine, one_hot, affine), expected, atol=1e-6)
+    # without the half-cell offset the samples would fall on fine voxels instead, and the loss would differ
+    shifted = affine.clone()
+    shifted[0, :3, 3] = 1.0
+    assert not torch.allclose(loss.label_dice(identity, one_hot, affine, one_hot, shifted), expected, atol=1e-3)
