@@ -27,16 +27,15 @@ from monai.transforms import (
     CropForegroundd,
     Orientation,
     Orientationd,
-    Randomizable,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
 from monai.utils.type_conversion import convert_to_dst_type
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from scripts.coordinates import resample_onto
 from scripts.image_io import LoadVolumed, load_volume
+from scripts.random_draws import RandomDrawDataset
 from scripts.skull_strip import SkullStripd
 from scripts.transforms import _anti_alias
 
@@ -138,7 +137,7 @@ def world_transforms(datalist: list[dict]) -> list[torch.Tensor]:
     return [torch.as_tensor(entry.get("world_transform", torch.eye(4)), dtype=torch.float64) for entry in datalist]
 
 
-class ImagePairDataset(Randomizable, Dataset):
+class ImagePairDataset(RandomDrawDataset):
     """Pairs of real images from a datalist, in the format of :class:`scripts.training_data.SyntheticPairDataset`.
 
     Each draw picks two images of different subjects (any modalities), or with ``same_subject_probability`` two
@@ -234,11 +233,5 @@ class ImagePairDataset(Randomizable, Dataset):
         fixed, moving, same = self.draw_indices()
         return {"fixed": self.make_item(fixed), "moving": self.make_item(moving), "same_subject": same}
 
-    def randomize(self, data=None) -> None:  # draws happen in __getitem__ with self.R
-        pass
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        for transform in (self.augmentation, self.frame):
-            transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
-        return self
+    def random_parts(self) -> tuple:
+        return (self.augmentation, self.frame)

@@ -16,13 +16,14 @@ import os
 
 import numpy as np
 import torch
-from monai.transforms import CropForeground, Randomizable
+from monai.transforms import CropForeground
 from torch.utils.data import Dataset
 
 from scripts.coordinates import apply_affine
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
 from scripts.image_pairs import ImagePairDataset, ImagePreparation, world_transforms
+from scripts.random_draws import RandomDrawDataset
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map
 from scripts.transforms import random_points_in_mask
 
@@ -50,7 +51,7 @@ def find_label_maps(label_maps_dir: str, exclude: tuple[str, ...] | list[str] = 
     return paths
 
 
-class SyntheticPairDataset(Randomizable, Dataset):
+class SyntheticPairDataset(RandomDrawDataset):
     """Pairs of images synthesized on the fly from label maps (SynthMorph-style training data).
 
     Each draw picks two label maps (different subjects), or with ``same_subject_probability`` one label map seen
@@ -122,17 +123,11 @@ class SyntheticPairDataset(Randomizable, Dataset):
             "same_subject": same,
         }
 
-    def randomize(self, data=None) -> None:  # draws happen in __getitem__ with self.R
-        pass
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        for transform in (self.synthesis, self.recontrast, self.augmentation, self.frame):
-            transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
-        return self
+    def random_parts(self) -> tuple:
+        return (self.synthesis, self.recontrast, self.augmentation, self.frame)
 
 
-class PretrainingDataset(Randomizable, Dataset):
+class PretrainingDataset(RandomDrawDataset):
     """Items for keypoint pretraining: one reference subject, synthesized anew each time, moved by a random affine,
     with K reference points that move with it.
 
@@ -178,17 +173,11 @@ class PretrainingDataset(Randomizable, Dataset):
         item["points"] = self.points.clone()
         return self.frame(self.augmentation(item))
 
-    def randomize(self, data=None) -> None:  # the transforms draw their own randomness
-        pass
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        for transform in (self.synthesis, self.augmentation, self.frame):
-            transform.set_random_state(seed=seed, state=None)
-        return self
+    def random_parts(self) -> tuple:
+        return (self.synthesis, self.augmentation, self.frame)
 
 
-class ImagePretrainingDataset(Randomizable, Dataset):
+class ImagePretrainingDataset(RandomDrawDataset):
     """Items for keypoint pretraining from real images: one reference subject's images (all its modalities, one
     picked at random for each item, so pretraining also teaches contrast invariance), moved by a random affine,
     with K reference points that move with them.
@@ -261,14 +250,8 @@ class ImagePretrainingDataset(Randomizable, Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.make_item(self.R.randint(len(self.datalist)))
 
-    def randomize(self, data=None) -> None:  # draws happen in __getitem__ with self.R
-        pass
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        for transform in (self.augmentation, self.frame):
-            transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
-        return self
+    def random_parts(self) -> tuple:
+        return (self.augmentation, self.frame)
 
 
 class FixedPairs(Dataset):
