@@ -321,6 +321,8 @@ def check_inference_settings(
     apply_to: str | None = None,
     aligner: str = "affine",
     overwrite=False,
+    search_turns=True,
+    refine_iterations: int = 0,
     bundle_root: str | None = None,
     network=None,
     spatial_size: int = 96,
@@ -335,7 +337,8 @@ def check_inference_settings(
     the first problem.
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
-    ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``, network
+    ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
+    ``search_turns``, ``refine_iterations``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
@@ -359,10 +362,12 @@ def check_inference_settings(
         fail(f"--aligner {aligner!r}: not one of {', '.join(INFERENCE_ALIGNERS)}")
     try:
         as_bool(overwrite, "overwrite")
+        as_bool(search_turns, "search_turns")
     except KeyMorphInputError as error:
         fail(str(error))
     problem = (
-        _number_problem("spatial_size", spatial_size, 16, integer=True)
+        _number_problem("refine_iterations", refine_iterations, 0, integer=True)
+        or _number_problem("spatial_size", spatial_size, 16, integer=True)
         or _number_problem("spacing", spacing)
         or _number_problem("num_keypoints", num_keypoints, 4, integer=True)
     )
