@@ -47,9 +47,12 @@ def phantom_at(points: np.ndarray) -> np.ndarray:
     """Intensity of a small synthetic brain at world points ``(..., 3)`` (mm, brain centred near the origin).
 
     An egg-shaped "brain" (semi-axes 15 mm left-right, 23/31 mm back/front, 16/23 mm down/up, so its principal axes
-    and their directions are well defined) with a brighter rim, smooth texture and two dark "ventricles"; 0 outside.
+    and their directions are well defined) whose front and back ends droop below its centre as a brain's do (the
+    cue :func:`scripts.transforms.principal_axes` reads "up" from), with a brighter rim, smooth texture and two dark
+    "ventricles"; 0 outside.
     """
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    z = z + 0.012 * y**2  # the ends lie lower: 8 mm at the back, 11 mm at the front
     radius_y = np.where(y > 0, 31.0, 23.0)
     radius_z = np.where(z > 0, 23.0, 16.0)
     r = np.sqrt((x / 15.0) ** 2 + (y / radius_y) ** 2 + (z / radius_z) ** 2)

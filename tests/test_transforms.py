@@ -216,9 +216,28 @@ def test_principal_axes_rotate_with_the_points():
     axes = principal_axes(points.T @ points / len(points), points)
     turned = points @ turn.T
     torch.testing.assert_close(principal_axes(turned.T @ turned / len(turned), turned), turn @ axes)
-    # longest axis first
-    spread = (points @ axes).var(0)
-    assert spread[0] > spread[1] > spread[2]
+    # longest axis first; the third points away from where the ends of the first axis lie
+    projected = points @ axes
+    spread = projected.var(0)
+    assert spread[0] > spread[1] and spread[0] > spread[2]
+    assert (projected[:, 0].pow(2) * projected[:, 2]).mean() <= 0
+
+
+def test_principal_axes_find_up_from_the_shape_not_from_the_widths():
+    """A brain-like cloud: longest front-back (skewed forwards), WIDER left-right than tall, and its front and back
+    ends below the centre. The frame is (front-back, left-right, up) whatever the widths."""
+    rng = np.random.default_rng(1)
+    front_back = rng.gamma(4.0, 1.0, 4000) * 10.0
+    front_back = front_back - front_back.mean()
+    left_right = rng.normal(0, 1, 4000) * 14.0  # wider than tall
+    up = rng.normal(0, 1, 4000) * 8.0 - 0.01 * front_back**2  # the ends droop
+    points = np.stack([left_right, front_back, up], 1)  # world axes: x = left-right, y = front-back, z = up
+    points = torch.as_tensor(points - points.mean(0), dtype=DTYPE)
+    axes = principal_axes(points.T @ points / len(points), points)
+    assert axes[1, 0] > 0.95  # first axis: +y (towards the longer tail)
+    assert axes[2, 2] > 0.95  # third axis: +z (up)
+    assert abs(axes[0, 1]) > 0.95  # second axis: left-right
+    assert is_rotation(axes, atol=1e-8)
 
 
 # --- random world affine ------------------------------------------------------------------------------------------
