@@ -16,6 +16,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
 from scripts.coordinates import apply_affine
+from scripts.metrics import brain_voxel_error, mean_dice
 from scripts.registration import keypoints_world, register, warp_moving
 from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
 
@@ -239,8 +240,6 @@ class KeyMorphValidator(SupervisedEvaluator):
         self.aligner = aligner
 
     def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
-        from scripts.metrics import brain_voxel_error, mean_dice
-
         device = engine.state.device
         fixed = [pair["fixed"] for pair in batchdata]
         moving = [pair["moving"] for pair in batchdata]
