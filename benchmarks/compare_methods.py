@@ -70,6 +70,10 @@ after one untimed warm-up on a small phantom pair that loads every library and k
 * ``peak_rss_mb``: the worker's peak resident memory during the pair (``VmHWM`` of ``/proc/self/status``, reset
   before each pair through ``/proc/self/clear_refs``), libraries included.
 
+KeyMorph's rows also hold its QC scores (``qc_residual_mm``, ``qc_similarity``: :func:`scripts.qc.qc_scores`, computed
+inside the end-to-end time as the inference writer does), the data for calibrating the QC thresholds of
+``configs/inference.yaml`` against the errors.
+
 Outputs in ``--output_dir``: ``cases.csv`` (one row per case and method, :data:`COLUMNS`), ``summary.json``,
 ``summary.md`` (tables and the machine), ``dice_vs_rotation.png``, ``tre_vs_rotation.png``,
 ``seconds_per_pair.png`` and ``settings.json``. The run resumes: cases already in ``cases.csv`` are skipped (failed
@@ -133,8 +137,11 @@ COLUMNS = [
     "seconds_compute",
     "seconds_end_to_end",
     "peak_rss_mb",
+    "qc_residual_mm",
+    "qc_similarity",
     "status",
 ]
+NUMERIC_COLUMNS = COLUMNS[COLUMNS.index("rotation_deg") : COLUMNS.index("status")]
 OUTPUT_FILES = (
     "cases.csv",
     "summary.json",
@@ -232,6 +239,7 @@ class KeyMorphRunner:
 
         from scripts.coordinates import resample_onto
         from scripts.image_io import save_volume
+        from scripts.qc import qc_scores
         from scripts.registration import warp_moving
         from scripts.transform_io import write_itk_transform
 
@@ -263,8 +271,15 @@ class KeyMorphRunner:
         )[0]
         save_volume(os.path.join(output_dir, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
         write_itk_transform(os.path.join(output_dir, "transform.tfm"), matrix)
+        scores = qc_scores(registration, fixed, moving)
         end = time.perf_counter()
-        return {"matrix": matrix.numpy(), "seconds_compute": compute, "seconds_end_to_end": end - start}
+        return {
+            "matrix": matrix.numpy(),
+            "seconds_compute": compute,
+            "seconds_end_to_end": end - start,
+            "qc_residual_mm": scores["residual"],
+            "qc_similarity": scores["similarity"],
+        }
 
 
 class AntsRunner:
@@ -745,7 +760,7 @@ def read_rows(path: str) -> list[dict]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
-        for key in ("rotation_deg", "dice", "tre_mm", "seconds_compute", "seconds_end_to_end", "peak_rss_mb"):
+        for key in NUMERIC_COLUMNS:
             row[key] = _float(row.get(key))
         row["same_subject"] = str(row.get("same_subject")) == "True"
     return rows
@@ -1608,6 +1623,8 @@ def score_row(case: dict, dataset_name: str, method: str, result: dict) -> dict:
         "seconds_compute": _float(result.get("seconds_compute")) if status == "ok" else float("nan"),
         "seconds_end_to_end": _float(result.get("seconds_end_to_end")) if status == "ok" else float("nan"),
         "peak_rss_mb": _float(result.get("peak_rss_mb")),
+        "qc_residual_mm": _float(result.get("qc_residual_mm")),
+        "qc_similarity": _float(result.get("qc_similarity")),
         "status": status,
     }
 

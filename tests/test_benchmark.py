@@ -184,6 +184,7 @@ def test_quick_run_writes_tables_and_plots(quick_run):
         assert 0.0 <= float(row["dice"]) <= 1.0 and float(row["tre_mm"]) >= 0.0
         assert float(row["seconds_end_to_end"]) > float(row["seconds_compute"]) > 0.0
         assert float(row["peak_rss_mb"]) > 50.0
+        assert float(row["qc_residual_mm"]) >= 0.0 and -0.01 <= float(row["qc_similarity"]) <= 1.0
     with open(os.path.join(output_dir, "summary.json")) as handle:
         summary = json.load(handle)
     overall = summary["results"]["methods"]["keymorph"]["overall"]
