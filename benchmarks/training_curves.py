@@ -4,6 +4,8 @@
 
 One panel per scalar tag the run logged (the total loss, each loss term, the keypoint fit residual, the validation
 Dice), raw values faint and a moving average on top; runs resumed into the same folder are joined by step.
+It also prints the run's length: the last iteration and the wall time spent, summed over the processes that wrote
+into the folder (each resume is one process; the time between them is not counted).
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def read_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         tag: (np.array(sorted(values)), np.array([values[step] for step in sorted(values)]))
         for tag, values in series.items()
     }
+
+
+def wall_hours(run_dir: str) -> tuple[float, int]:
+    """Hours of wall time the run's processes spent (first to last event of each process, summed) and the number
+    of processes. Event files are named ``events.out.tfevents.<time>.<host>.<pid>.<n>``; one process writes several."""
+    spans: dict[str, list[float]] = {}
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        times = [event.wall_time for tag in accumulator.Tags()["scalars"] for event in accumulator.Scalars(tag)]
+        if times:
+            process = os.path.basename(path).rsplit(".", 1)[0]
+            span = spans.setdefault(process, [min(times), max(times)])
+            span[:] = [min(span[0], min(times)), max(span[1], max(times))]
+    return sum(end - start for start, end in spans.values()) / 3600.0, len(spans)
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -75,7 +92,9 @@ def main() -> None:
     if not scalars:
         raise SystemExit(f"keymorph: error: {args.run_dir}: no TensorBoard scalars found")
     plot_curves(scalars, args.output, args.smooth)
-    print(args.output)
+    hours, processes = wall_hours(args.run_dir)
+    last = max(int(steps[-1]) for steps, _ in scalars.values())
+    print(f"{args.output}: {last} iterations, {hours:.2f} h of wall time in {processes} process(es)")
 
 
 if __name__ == "__main__":
