@@ -141,14 +141,19 @@ def _check_data(
             " to hold a brain"
         )
     with np.errstate(over="ignore", invalid="ignore"):
-        data = data.astype(np.float32)
+        data = data.astype(np.float32, copy=False)
     finite = np.isfinite(data)
-    if not finite.any():
+    finite_count = int(np.count_nonzero(finite))
+    if finite_count == 0:
         raise KeyMorphInputError(f"{path}: every voxel is NaN or infinite")
-    values = data[finite]
-    if require_contrast and values.max() == values.min():
-        raise KeyMorphInputError(f"{path}: the image is constant ({values.max():g} everywhere); nothing to register")
-    return np.where(finite, data, 0.0).astype(np.float32), float(1.0 - finite.mean())
+    if finite_count < data.size:  # the copies only when there is something to replace (a 1 mm head: ~0.3 s)
+        data = np.where(finite, data, np.float32(0.0))
+        low, high = data[finite].min(), data[finite].max()
+    else:
+        low, high = data.min(), data.max()
+    if require_contrast and high == low:
+        raise KeyMorphInputError(f"{path}: the image is constant ({high:g} everywhere); nothing to register")
+    return data, float(1.0 - finite_count / data.size)
 
 
 def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:

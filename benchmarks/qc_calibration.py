@@ -1,0 +1,181 @@
+"""QC calibration: the keypoint residual and image similarity of right and of wrong registrations.
+
+    python benchmarks/qc_calibration.py --cases_dir ~/.cache/keymorph/benchmark/cases \\
+        [--ckpt_path models/model.pt] [--output_dir docs/benchmark]
+
+Reads the case folders that ``benchmarks/compare_methods.py --keep_cases`` leaves in ``WORK_DIR/cases`` (the
+benchmark's held-out pairs). For each pair it fits the keypoints with the moving network grid in each of its four
+180-degree turns (:data:`scripts.registration.GRID_TURNS`), without refinement, and scores every fit: the QC scores
+of :mod:`scripts.qc` (keypoint ``residual`` in mm, ``similarity`` = normalized mutual information on the fixed
+network grid) and the truth (Dice of the labels, TRE for same-subject pairs). A pair's RIGHT registration is its
+best-scoring turn (lowest TRE, or highest Dice); the other three are WRONG ones: the same anatomy turned by 180
+degrees, the way this method fails when the brain's axes are misread. The thresholds of ``configs/inference.yaml``
+are then counted on both: how many right registrations they flag (false alarms) and how many wrong ones they miss.
+
+It also answers whether the first turn can be trusted without trying the others: how often it is the right one,
+and how its residual compares with the wrong turns'.
+
+Writes ``qc_calibration.csv`` (one row per pair and turn) and ``qc_calibration.md`` into ``--output_dir`` and
+prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the bundle root, for `scripts`
+
+from monai.transforms import LoadImage  # noqa: E402
+
+from scripts.bundle_api import load_config, load_state_dict  # noqa: E402
+from scripts.evaluation import score_case  # noqa: E402
+from scripts.qc import QC_THRESHOLDS, qc_scores  # noqa: E402
+from scripts.registration import GRID_TURNS, fit, keypoints_world, turned  # noqa: E402
+
+COLUMNS = ["case", "turn", "right", "residual_mm", "similarity", "dice", "tre_mm"]
+
+
+def load_case(rotation_dir: str) -> dict:
+    """A kept benchmark case (``<base>/r<angle>``) as :func:`scripts.evaluation.score_case` takes it."""
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    base = os.path.dirname(rotation_dir)
+    case = {
+        "fixed": {"label": load(os.path.join(base, "fixed_labels.nii.gz")), "mask": load(f"{base}/fixed_mask.nii.gz")},
+        "moving": {},
+    }
+    if os.path.isfile(os.path.join(rotation_dir, "moving_labels.nii.gz")):
+        case["moving"]["label"] = load(os.path.join(rotation_dir, "moving_labels.nii.gz"))
+    else:  # TRE-only cases (the MNI152 template) have no labels
+        del case["fixed"]["label"]
+    with open(os.path.join(rotation_dir, "case.json")) as handle:
+        truth = json.load(handle).get("true_fixed_to_moving")
+    if truth is not None:
+        case["true_fixed_to_moving"] = truth
+    return case
+
+
+def turn_rows(parser, network, rotation_dir: str) -> list[dict]:
+    """One row per turn of the moving grid for one case."""
+    base = os.path.dirname(rotation_dir)
+    fixed = parser.get_parsed_content("fixed_preprocessing")({"image": os.path.join(base, "fixed.nii.gz")})
+    moving = parser.get_parsed_content("preprocessing")({"image": os.path.join(rotation_dir, "moving.nii.gz")})
+    case = load_case(rotation_dir)
+    fixed_image = fixed["image"][None]
+    moving_image = moving["image"][None]
+    fixed_affine = torch.as_tensor(fixed_image.affine, dtype=torch.float64).reshape(1, 4, 4)
+    moving_affine = torch.as_tensor(moving_image.affine, dtype=torch.float64).reshape(1, 4, 4)
+    rows = []
+    with torch.no_grad():
+        fixed_points = keypoints_world(network, fixed_image.as_tensor(), fixed_affine)
+        for index, axes in enumerate(GRID_TURNS):
+            image, affine = turned(moving_image.as_tensor(), moving_affine, axes)
+            registration = fit(fixed_points, keypoints_world(network, image, affine))
+            scores = qc_scores(registration, fixed, moving)
+            dice, tre = score_case(case, registration.fixed_to_moving[0])
+            rows.append(
+                {
+                    "case": os.path.relpath(rotation_dir, os.path.dirname(base)),
+                    "turn": index,
+                    "residual_mm": scores["residual"],
+                    "similarity": scores["similarity"],
+                    "dice": dice,
+                    "tre_mm": tre,
+                }
+            )
+    by_tre = [r["tre_mm"] for r in rows]
+    best = int(np.nanargmin(by_tre)) if np.isfinite(by_tre).any() else int(np.nanargmax([r["dice"] for r in rows]))
+    for row in rows:
+        row["right"] = row["turn"] == best
+    return rows
+
+
+def _quantiles(values) -> str:
+    values = np.asarray(values, dtype=float)
+    if not len(values):
+        return "-"
+    low, median, high = np.percentile(values, [0, 50, 100])
+    return f"{low:.3f} / {median:.3f} / {high:.3f}"
+
+
+def summary_markdown(rows: list[dict], thresholds: dict, ckpt: str) -> str:
+    right = [r for r in rows if r["right"]]
+    wrong = [r for r in rows if not r["right"]]
+
+    def flagged(row: dict) -> bool:
+        return row["residual_mm"] > thresholds["max_residual_mm"] or row["similarity"] < thresholds["min_similarity"]
+
+    first = [r for r in rows if r["turn"] == 0]
+    lines = [
+        "# QC calibration",
+        "",
+        f"`python benchmarks/qc_calibration.py` with `{os.path.relpath(ckpt, ROOT)}` on {len(first)} benchmark pairs;",
+        "right = each pair's best turn, wrong = its other three (the anatomy turned by 180 degrees).",
+        "Scores of the keypoint fit before refinement (min / median / max):",
+        "",
+        "| registrations | n | residual (mm) | similarity (NMI) |",
+        "|---|---|---|---|",
+        f"| right | {len(right)} | {_quantiles([r['residual_mm'] for r in right])} | "
+        f"{_quantiles([r['similarity'] for r in right])} |",
+        f"| wrong | {len(wrong)} | {_quantiles([r['residual_mm'] for r in wrong])} | "
+        f"{_quantiles([r['similarity'] for r in wrong])} |",
+        "",
+        f"Thresholds of configs/inference.yaml (suspect when residual > {thresholds['max_residual_mm']:g} mm or "
+        f"similarity < {thresholds['min_similarity']:g}): flag {sum(map(flagged, right))} of {len(right)} right "
+        f"and {sum(map(flagged, wrong))} of {len(wrong)} wrong registrations.",
+        "",
+        f"The first turn (the principal-axes frame as it is) is the right one for "
+        f"{sum(r['right'] for r in first)} of {len(first)} pairs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def inference_thresholds() -> dict:
+    parser = load_config(ROOT)
+    return {
+        **QC_THRESHOLDS,
+        "min_similarity": float(parser["qc_min_similarity"]),
+        "max_residual_mm": float(parser["qc_max_residual_mm"]),
+    }
+
+
+def main(argv=None) -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--cases_dir", required=True, help="compare_methods.py's WORK_DIR/cases (run with --keep_cases)")
+    cli.add_argument("--ckpt_path", default=os.path.join(ROOT, "models", "model.pt"))
+    cli.add_argument("--output_dir", default=os.path.join(ROOT, "docs", "benchmark"))
+    cli.add_argument("--threads", type=int, default=2)
+    args = cli.parse_args(argv)
+    case_dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(args.cases_dir, "*", "r*", "moving.nii.gz")))
+    if not case_dirs:
+        raise SystemExit(f"keymorph: error: {args.cases_dir}: no kept benchmark cases (<base>/r<angle>/moving.nii.gz)")
+    torch.set_num_threads(args.threads)
+    parser = load_config(ROOT, skull_strip="none", fixed_skull_strip="none", device="$torch.device('cpu')")
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    network.load_state_dict(load_state_dict(args.ckpt_path, "cpu"), strict=True)
+    network.eval()
+    rows = [row for case_dir in tqdm(case_dirs, desc="pairs") for row in turn_rows(parser, network, case_dir)]
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "qc_calibration.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = summary_markdown(rows, inference_thresholds(), os.path.abspath(args.ckpt_path))
+    with open(os.path.join(args.output_dir, "qc_calibration.md"), "w") as handle:
+        handle.write(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
