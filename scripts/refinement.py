@@ -28,7 +28,7 @@ def refine_affine(
     moving_affine: torch.Tensor,
     initial: torch.Tensor,
     iterations: int = 60,
-    samples: int = 4000,
+    samples: int = 8000,
     learning_rate: float = 0.1,
     seed: int = 0,
 ) -> torch.Tensor:
