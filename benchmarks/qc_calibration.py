@@ -16,7 +16,8 @@ It also answers whether the first turn can be trusted without trying the others:
 and how its residual compares with the wrong turns'.
 
 Writes ``qc_calibration.csv`` (one row per pair and turn) and ``qc_calibration.md`` into ``--output_dir`` and
-prints the markdown.
+prints the markdown. ``--from_csv`` rewrites the markdown from an earlier ``qc_calibration.csv`` (e.g. after the
+thresholds changed) without registering anything.
 """
 
 from __future__ import annotations
@@ -149,14 +150,23 @@ def inference_thresholds() -> dict:
     }
 
 
-def main(argv=None) -> int:
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("--cases_dir", required=True, help="compare_methods.py's WORK_DIR/cases (run with --keep_cases)")
-    cli.add_argument("--ckpt_path", default=os.path.join(ROOT, "models", "model.pt"))
-    cli.add_argument("--output_dir", default=os.path.join(ROOT, "docs", "benchmark"))
-    cli.add_argument("--threads", type=int, default=2)
-    args = cli.parse_args(argv)
-    case_dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(args.cases_dir, "*", "r*", "moving.nii.gz")))
+def read_rows(path: str) -> list[dict]:
+    """The rows of a ``qc_calibration.csv``."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"keymorph: error: {path}: no such file; run without --from_csv first")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["turn"], row["right"] = int(row["turn"]), row["right"] == "True"
+        for key in ("residual_mm", "similarity", "dice", "tre_mm"):
+            row[key] = float(row[key])
+    return rows
+
+
+def register_cases(args: argparse.Namespace) -> list[dict]:
+    """Every kept case of ``--cases_dir``, four turns each (:func:`turn_rows`)."""
+    pattern = os.path.join(args.cases_dir or "", "*", "r*", "moving.nii.gz")
+    case_dirs = sorted(os.path.dirname(p) for p in glob.glob(pattern)) if args.cases_dir else []
     if not case_dirs:
         raise SystemExit(f"keymorph: error: {args.cases_dir}: no kept benchmark cases (<base>/r<angle>/moving.nii.gz)")
     torch.set_num_threads(args.threads)
@@ -164,12 +174,27 @@ def main(argv=None) -> int:
     network = parser.get_parsed_content("network_def", instantiate=True)
     network.load_state_dict(load_state_dict(args.ckpt_path, "cpu"), strict=True)
     network.eval()
-    rows = [row for case_dir in tqdm(case_dirs, desc="pairs") for row in turn_rows(parser, network, case_dir)]
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "qc_calibration.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    return [row for case_dir in tqdm(case_dirs, desc="pairs") for row in turn_rows(parser, network, case_dir)]
+
+
+def main(argv=None) -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--cases_dir", help="compare_methods.py's WORK_DIR/cases (run with --keep_cases)")
+    cli.add_argument("--ckpt_path", default=os.path.join(ROOT, "models", "model.pt"))
+    cli.add_argument("--output_dir", default=os.path.join(ROOT, "docs", "benchmark"))
+    cli.add_argument("--threads", type=int, default=2)
+    cli.add_argument("--from_csv", action="store_true", help="summarize --output_dir's qc_calibration.csv again")
+    args = cli.parse_args(argv)
+    csv_path = os.path.join(args.output_dir, "qc_calibration.csv")
+    if args.from_csv:
+        rows = read_rows(csv_path)
+    else:
+        rows = register_cases(args)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
     markdown = summary_markdown(rows, inference_thresholds(), os.path.abspath(args.ckpt_path))
     with open(os.path.join(args.output_dir, "qc_calibration.md"), "w") as handle:
         handle.write(markdown)
