@@ -60,6 +60,17 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
 
 
+#: What each logged tag is (the training workflow's names); unknown tags are shown by name.
+TITLES = {
+    "train_loss": "total loss",
+    "dice": "Dice loss (1 - soft Dice of 32 structures, 4 mm)",
+    "keypoints": "keypoint consistency (same-subject pairs)",
+    "transform": "transform error / 10 mm (same-subject pairs)",
+    "residual_mm": "keypoint fit residual (mm)",
+    "val_dice": "validation Dice (8 held-out pairs)",
+}
+
+
 def plot_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], output: str, smooth: int = 50) -> None:
     """One panel per tag; saved as a PNG at ``output``."""
     tags = sorted(scalars)
@@ -68,11 +79,13 @@ def plot_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], output: str, 
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
     for ax, tag in zip(axes.ravel(), tags):
         steps, values = scalars[tag]
-        ax.plot(steps, values, alpha=0.25, lw=0.8)
-        if len(values) > smooth:
+        if len(values) > smooth:  # per iteration: raw values faint, their moving average on top
+            ax.plot(steps, values, alpha=0.25, lw=0.8)
             ax.plot(steps, moving_average(values, smooth), lw=1.5)
-        ax.set_title(tag)
-        ax.set_xlabel("iteration" if len(values) > 100 else "step")
+        else:  # per epoch (validation): every point matters
+            ax.plot(steps, values, marker="o", lw=1.5)
+        ax.set_title(TITLES.get(tag, tag), fontsize=10)
+        ax.set_xlabel("epoch" if tag.startswith("val") else "iteration")
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(tags) :]:
         ax.set_axis_off()

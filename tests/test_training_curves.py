@@ -1,13 +1,14 @@
 """benchmarks/training_curves.py: reads TensorBoard scalars across resumed runs and plots them."""
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from training_curves import moving_average, plot_curves, read_scalars  # noqa: E402
+from training_curves import moving_average, plot_curves, read_scalars, wall_hours  # noqa: E402
 
 
 def test_moving_average_is_a_trailing_mean():
@@ -26,3 +27,16 @@ def test_resumed_runs_are_joined_and_plotted(tmp_path):
     output = tmp_path / "curves.png"
     plot_curves(read_scalars(str(tmp_path)), str(output), smooth=3)
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wall_time_sums_each_process_and_skips_the_gaps(tmp_path):
+    """Two processes (a run and its resumption hours later): 1 h + 0.5 h, not the 3.3 h from first to last event."""
+    for first, seconds in ((1000.0, 3600.0), (10000.0, 1800.0)):
+        writer = SummaryWriter(str(tmp_path))
+        writer.add_scalar("train_loss", 1.0, 0, walltime=first)
+        writer.add_scalar("train_loss", 0.5, 1, walltime=first + seconds)
+        writer.close()
+        time.sleep(1.1)  # event file names carry the creation second: the two must differ
+    hours, processes = wall_hours(str(tmp_path))
+    assert processes == 2
+    assert abs(hours - 1.5) < 1e-6
