@@ -323,6 +323,7 @@ def check_inference_settings(
     overwrite=False,
     search_turns=True,
     refine_iterations: int = 0,
+    turn_search_above_mm: float = 0.0,
     bundle_root: str | None = None,
     network=None,
     spatial_size: int = 96,
@@ -338,7 +339,7 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``search_turns``, ``refine_iterations``, network
+    ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
@@ -367,6 +368,7 @@ def check_inference_settings(
         fail(str(error))
     problem = (
         _number_problem("refine_iterations", refine_iterations, 0, integer=True)
+        or _number_problem("turn_search_above_mm", turn_search_above_mm, 0)
         or _number_problem("spatial_size", spatial_size, 16, integer=True)
         or _number_problem("spacing", spacing)
         or _number_problem("num_keypoints", num_keypoints, 4, integer=True)

@@ -18,8 +18,8 @@ Scores:
 The decision (:func:`qc_flags`) is deliberately simple: a case is ``suspect`` when ANY score is on the wrong side of
 its threshold, and the summary message names each one. The four thresholds are settings of
 ``configs/inference.yaml`` (``qc_min_similarity``, ``qc_max_residual_mm``, ``qc_max_brain_fill``,
-``qc_min_smoothness``). The first two depend on the trained network and the fixed image and are to be calibrated on
-it (their defaults 0 and 1000 mm never flag). The last two look at the moving image alone, are independent of the
+``qc_min_smoothness``). The first two depend on the trained network and are calibrated on it by
+``benchmarks/qc_calibration.py``, which scores right registrations against the same pairs turned by 180 degrees. The last two look at the moving image alone, are independent of the
 network, and flag an image of pure (white) noise whatever the keypoints do: ``smoothness`` below 0.1 with any skull
 stripping, and with ``--skull_strip none`` also ``brain_fill`` above 0.9 for positive noise. Noise with spatial
 correlation (e.g. smoothed) is left to the similarity threshold.
@@ -43,7 +43,7 @@ from scripts.coordinates import apply_affine  # noqa: E402
 from scripts.registration import Registration, warp_moving  # noqa: E402
 
 #: Default thresholds, the same as ``configs/inference.yaml``.
-QC_THRESHOLDS = {"min_similarity": 0.0, "max_residual_mm": 1000.0, "max_brain_fill": 0.9, "min_smoothness": 0.1}
+QC_THRESHOLDS = {"min_similarity": 0.01, "max_residual_mm": 8.0, "max_brain_fill": 0.9, "min_smoothness": 0.1}
 
 
 def brain_fill(mask: torch.Tensor) -> float:

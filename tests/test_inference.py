@@ -281,11 +281,16 @@ def test_keypoints_are_ras_mm_and_consistent_with_the_transform(folder_run, name
     # within the 32-voxel, 2 mm network grid around it
     assert np.linalg.norm(fixed_points, axis=1).max() < 60
     assert np.linalg.norm(moving_points - TRUTH[name][:3, 3], axis=1).max() < 60
+    # the residual is the keypoint fit's own: the least-squares affine of the written keypoints leaves it
+    homogeneous = np.hstack([fixed_points, np.ones((len(fixed_points), 1))])
+    least_squares = np.linalg.lstsq(homogeneous, moving_points, rcond=None)[0]
+    rms = np.sqrt(((homogeneous @ least_squares - moving_points) ** 2).sum(1).mean())
+    residual = float(read_summary(folder_run["output"])[name]["keypoint_residual_mm"])
+    assert rms == pytest.approx(residual, abs=0.02)
+    # the written transform is that fit refined by a few millimetres at most (refinement is on by default)
     matrix = read_itk_transform(str(folder / "transform.tfm"))
     mapped = fixed_points @ matrix[:3, :3].T + matrix[:3, 3]
-    rms = np.sqrt(((mapped - moving_points) ** 2).sum(1).mean())
-    residual = float(read_summary(folder_run["output"])[name]["keypoint_residual_mm"])
-    assert rms == pytest.approx(residual, abs=0.01)
+    assert np.linalg.norm(mapped - homogeneous @ least_squares, axis=1).mean() < 5.0
 
 
 def test_summary_rows_and_columns(folder_run):

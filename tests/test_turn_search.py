@@ -53,3 +53,34 @@ def test_inferer_searches_turns_when_asked():
         MetaTensor(fixed, affine=affine[0]), MetaTensor(moving, affine=moving_affine[0]), CentroidNetwork()
     )
     assert torch.allclose(result.fixed_to_moving[0], torch.eye(4, dtype=torch.float64), atol=1e-6)
+
+
+class CountingNetwork(CentroidNetwork):
+    """Counts the images it has seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, image):
+        self.images += len(image)
+        return super().forward(image)
+
+
+def test_a_consistent_first_pose_skips_the_other_turns():
+    fixed, affine = blob_image()
+    network = CountingNetwork()
+    first = register_best_turn(network, fixed, affine, fixed.clone(), affine.clone(), accept_residual_mm=1.0)
+    assert network.images == 2  # the fixed image and the moving grid as it is: no turn tried
+    assert torch.allclose(first.fixed_to_moving[0], torch.eye(4, dtype=torch.float64), atol=1e-6)
+
+
+def test_an_inconsistent_first_pose_still_finds_the_right_turn():
+    fixed, affine = blob_image()
+    moving, moving_affine = turned(fixed, affine, (0, 1))
+    network = CountingNetwork()
+    plain_residual = float(register(CentroidNetwork(), fixed, affine, moving, moving_affine).residual[0])
+    searched = register_best_turn(network, fixed, affine, moving, moving_affine, accept_residual_mm=1e-3)
+    assert plain_residual > 1e-3
+    assert network.images == 2 + 3  # the first pass on both, then the three other turns of the moving grid
+    assert torch.allclose(searched.fixed_to_moving[0], torch.eye(4, dtype=torch.float64), atol=1e-6)
