@@ -7,7 +7,7 @@ Reads the case folders that ``benchmarks/compare_methods.py --keep_cases`` leave
 benchmark's held-out pairs). For each pair it fits the keypoints with the moving network grid in each of its four
 180-degree turns (:data:`scripts.registration.GRID_TURNS`), without refinement, and scores every fit: the QC scores
 of :mod:`scripts.qc` (keypoint ``residual`` in mm, ``similarity`` = normalized mutual information on the fixed
-network grid) and the truth (Dice of the labels, TRE for same-subject pairs). A pair's RIGHT registration is its
+network grid) and the truth (TRE for same-subject pairs, else Dice of the labels). A pair's RIGHT registration is its
 best-scoring turn (lowest TRE, or highest Dice); the other three are WRONG ones: the same anatomy turned by 180
 degrees, the way this method fails when the brain's axes are misread. The thresholds of ``configs/inference.yaml``
 are then counted on both: how many right registrations they flag (false alarms) and how many wrong ones they miss.
@@ -71,6 +71,8 @@ def turn_rows(parser, network, rotation_dir: str) -> list[dict]:
     fixed = parser.get_parsed_content("fixed_preprocessing")({"image": os.path.join(base, "fixed.nii.gz")})
     moving = parser.get_parsed_content("preprocessing")({"image": os.path.join(rotation_dir, "moving.nii.gz")})
     case = load_case(rotation_dir)
+    if "true_fixed_to_moving" in case:  # the truth decides; Dice of 1 mm label maps would only cost time
+        case["fixed"].pop("label", None)
     fixed_image = fixed["image"][None]
     moving_image = moving["image"][None]
     fixed_affine = torch.as_tensor(fixed_image.affine, dtype=torch.float64).reshape(1, 4, 4)
