@@ -50,14 +50,10 @@ def load_case(rotation_dir: str) -> dict:
     """A kept benchmark case (``<base>/r<angle>``) as :func:`scripts.evaluation.score_case` takes it."""
     load = LoadImage(image_only=True, ensure_channel_first=True)
     base = os.path.dirname(rotation_dir)
-    case = {
-        "fixed": {"label": load(os.path.join(base, "fixed_labels.nii.gz")), "mask": load(f"{base}/fixed_mask.nii.gz")},
-        "moving": {},
-    }
-    if os.path.isfile(os.path.join(rotation_dir, "moving_labels.nii.gz")):
-        case["moving"]["label"] = load(os.path.join(rotation_dir, "moving_labels.nii.gz"))
-    else:  # TRE-only cases (the MNI152 template) have no labels
-        del case["fixed"]["label"]
+    case = {"fixed": {"mask": load(os.path.join(base, "fixed_mask.nii.gz"))}, "moving": {}}
+    labels = (os.path.join(base, "fixed_labels.nii.gz"), os.path.join(rotation_dir, "moving_labels.nii.gz"))
+    if all(os.path.isfile(path) for path in labels):  # TRE-only cases (the MNI152 template) have none
+        case["fixed"]["label"], case["moving"]["label"] = (load(path) for path in labels)
     with open(os.path.join(rotation_dir, "case.json")) as handle:
         truth = json.load(handle).get("true_fixed_to_moving")
     if truth is not None:

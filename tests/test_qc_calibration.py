@@ -1,6 +1,7 @@
 """benchmarks/qc_calibration.py: right vs wrong registrations counted against the QC thresholds."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,29 @@ def test_nothing_to_read_is_one_line(tmp_path, arguments):
     assert result.returncode != 0
     assert result.stderr.strip().startswith("keymorph: error:") and str(tmp_path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def write_case_folder(base, with_labels: bool, truth) -> str:
+    import nibabel as nib
+    import numpy as np
+
+    rotation = base / "r90"
+    rotation.mkdir(parents=True)
+    volume = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    names = [base / "fixed_mask.nii.gz", base / "fixed.nii.gz", rotation / "moving.nii.gz"]
+    if with_labels:
+        names += [base / "fixed_labels.nii.gz", rotation / "moving_labels.nii.gz"]
+    for name in names:
+        nib.save(volume, str(name))
+    (rotation / "case.json").write_text(json.dumps({"true_fixed_to_moving": truth}))
+    return str(rotation)
+
+
+def test_cases_without_labels_are_scored_by_their_truth_only(tmp_path):
+    """The MNI152 cases have no label maps: the case holds the mask and the truth, nothing to read fails."""
+    truth = [[1.0, 0, 0, 2.0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]
+    case = qc_calibration.load_case(write_case_folder(tmp_path / "mni152_T1-PD_p0", False, truth))
+    assert sorted(case["fixed"]) == ["mask"] and case["moving"] == {} and case["true_fixed_to_moving"] == truth
+    case = qc_calibration.load_case(write_case_folder(tmp_path / "label_maps_T1-T2_p1", True, None))
+    assert sorted(case["fixed"]) == ["label", "mask"] and list(case["moving"]) == ["label"]
+    assert "true_fixed_to_moving" not in case
