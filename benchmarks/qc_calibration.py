@@ -8,8 +8,9 @@ benchmark's held-out pairs). For each pair it fits the keypoints with the moving
 180-degree turns (:data:`scripts.registration.GRID_TURNS`), without refinement, and scores every fit: the QC scores
 of :mod:`scripts.qc` (keypoint ``residual`` in mm, ``similarity`` = normalized mutual information on the fixed
 network grid) and the truth (TRE for same-subject pairs, else Dice of the labels). A pair's RIGHT registration is its
-best-scoring turn (lowest TRE, or highest Dice); the other three are WRONG ones: the same anatomy turned by 180
-degrees, the way this method fails when the brain's axes are misread. The thresholds of ``configs/inference.yaml``
+best-scoring turn (lowest TRE, or highest Dice); the other three are WRONG ones: the network saw the moving brain in
+a pose it was not trained for, which is how this method fails when the brain's axes are misread (most such fits are
+tens of millimetres off; a few only several). The thresholds of ``configs/inference.yaml``
 are then counted on both: how many right registrations they flag (false alarms) and how many wrong ones they miss.
 
 It also answers whether the first turn can be trusted without trying the others: how often it is the right one,
@@ -118,7 +119,7 @@ def summary_markdown(rows: list[dict], thresholds: dict, ckpt: str) -> str:
         "# QC calibration",
         "",
         f"`python benchmarks/qc_calibration.py` with `{os.path.relpath(ckpt, ROOT)}` on {len(first)} benchmark pairs;",
-        "right = each pair's best turn, wrong = its other three (the anatomy turned by 180 degrees).",
+        "right = each pair's best turn by the truth, wrong = its other three turns of the moving grid.",
         "Scores of the keypoint fit before refinement (min / median / max):",
         "",
         "| registrations | n | residual (mm) | similarity (NMI) |",

@@ -19,9 +19,10 @@ The decision (:func:`qc_flags`) is deliberately simple: a case is ``suspect`` wh
 its threshold, and the summary message names each one. The four thresholds are settings of
 ``configs/inference.yaml`` (``qc_min_similarity``, ``qc_max_residual_mm``, ``qc_max_brain_fill``,
 ``qc_min_smoothness``). The first two depend on the trained network and are calibrated on it by
-``benchmarks/qc_calibration.py``, which scores right registrations against the same pairs turned by 180 degrees. The last two look at the moving image alone, are independent of the
-network, and flag an image of pure (white) noise whatever the keypoints do: ``smoothness`` below 0.1 with any skull
-stripping, and with ``--skull_strip none`` also ``brain_fill`` above 0.9 for positive noise. Noise with spatial
+``benchmarks/qc_calibration.py``, which scores right keypoint fits against those of wrongly turned grids. The last
+two look at the moving image alone, are independent of the network, and flag an image of pure (white) noise
+whatever the keypoints do: ``smoothness`` below 0.1 with any skull stripping, and with ``--skull_strip none`` also
+``brain_fill`` above 0.9 for positive noise. Noise with spatial
 correlation (e.g. smoothed) is left to the similarity threshold.
 """
 
