@@ -62,11 +62,11 @@ def load_case(rotation_dir: str) -> dict:
     return case
 
 
-def turn_rows(parser, network, rotation_dir: str) -> list[dict]:
-    """One row per turn of the moving grid for one case."""
+def turn_rows(fixed_preprocessing, preprocessing, network, rotation_dir: str) -> list[dict]:
+    """One row per turn of the moving grid for one case (the inference config's preprocessing of both images)."""
     base = os.path.dirname(rotation_dir)
-    fixed = parser.get_parsed_content("fixed_preprocessing")({"image": os.path.join(base, "fixed.nii.gz")})
-    moving = parser.get_parsed_content("preprocessing")({"image": os.path.join(rotation_dir, "moving.nii.gz")})
+    fixed = fixed_preprocessing({"image": os.path.join(base, "fixed.nii.gz")})
+    moving = preprocessing({"image": os.path.join(rotation_dir, "moving.nii.gz")})
     case = load_case(rotation_dir)
     if "true_fixed_to_moving" in case:  # the truth decides; Dice of 1 mm label maps would only cost time
         case["fixed"].pop("label", None)
@@ -173,7 +173,8 @@ def register_cases(args: argparse.Namespace) -> list[dict]:
     network = parser.get_parsed_content("network_def", instantiate=True)
     network.load_state_dict(load_state_dict(args.ckpt_path, "cpu"), strict=True)
     network.eval()
-    return [row for case_dir in tqdm(case_dirs, desc="pairs") for row in turn_rows(parser, network, case_dir)]
+    transforms = parser.get_parsed_content("fixed_preprocessing"), parser.get_parsed_content("preprocessing")
+    return [row for case_dir in tqdm(case_dirs, desc="pairs") for row in turn_rows(*transforms, network, case_dir)]
 
 
 def main(argv=None) -> int:

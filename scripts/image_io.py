@@ -148,7 +148,8 @@ def _check_data(
         raise KeyMorphInputError(f"{path}: every voxel is NaN or infinite")
     if finite_count < data.size:  # the copies only when there is something to replace (a 1 mm head: ~0.3 s)
         data = np.where(finite, data, np.float32(0.0))
-        low, high = data[finite].min(), data[finite].max()
+        values = data[finite]
+        low, high = values.min(), values.max()
     else:
         low, high = data.min(), data.max()
     if require_contrast and high == low:
