@@ -7,10 +7,14 @@ full-rotation augmentation (any pose, any contrast, with or without skull):
 
 1. the image is resampled onto a coarse head grid: :data:`HEAD_GRID_SIZE`^3 voxels of :data:`HEAD_GRID_SPACING`
    mm along the world (RAS) axes, centred on the image foreground's centre of mass (no pose assumed);
-2. :class:`BrainPartsNet` labels each voxel as one of :data:`PARTS`: background, left and right cerebrum, the
-   posterior fossa (cerebellum and brain stem) or other brain (CSF, midline structures);
-3. :func:`pose_from_parts` turns the parts into an upright frame: right = from the left to the right cerebrum's
-   centre, front = the cerebrum's long axis across that, pointing away from the posterior fossa, up = right x front.
+2. :class:`BrainPartsNet` labels each voxel as one of :data:`PARTS`: background, cerebrum, the posterior fossa
+   (cerebellum and brain stem) or other brain (CSF, ventricles, midline structures). Left and right hemispheres are
+   one class: a brain is nearly its own mirror image, so a network cannot tell them apart in an arbitrary pose
+   (trained with both, it plateaued), and a proper rotation needs only two axes;
+3. :func:`pose_from_parts` turns the parts into an upright frame: front = the cerebrum's longest principal axis
+   (1.4-2 times the next in the 16 SynthSeg maps), pointing away from the posterior fossa; up = the part of the
+   direction from the posterior fossa to the cerebrum perpendicular to front (the posterior fossa lies behind and
+   below the cerebrum, on the midline); right = front x up.
 
 The frame is a proper rotation ``U`` (3, 3) whose columns are the subject's right, anterior and superior
 directions in world coordinates (RAS mm, :mod:`scripts.coordinates`); ``U`` = identity for an upright head in a
@@ -31,11 +35,10 @@ HEAD_GRID_SIZE = 64
 HEAD_GRID_SPACING = 4.0
 
 #: Output classes of the parts network.
-PARTS = ("background", "left_cerebrum", "right_cerebrum", "posterior_fossa", "other_brain")
+PARTS = ("background", "cerebrum", "posterior_fossa", "other_brain")
 
 #: FreeSurfer labels of each part (other brain labels 1..499 are "other_brain"; extra-cerebral labels background).
-_LEFT = (2, 3, 4, 5, 10, 11, 12, 13, 17, 18, 26, 28, 30, 31)
-_RIGHT = (41, 42, 43, 44, 49, 50, 51, 52, 53, 54, 58, 60, 62, 63)
+_CEREBRUM = (2, 3, 10, 11, 12, 13, 17, 18, 26, 28, 41, 42, 49, 50, 51, 52, 53, 54, 58, 60)
 _POSTERIOR_FOSSA = (7, 8, 46, 47, 15, 16)
 
 
@@ -43,13 +46,13 @@ def parts_from_labels(labels: torch.Tensor) -> torch.Tensor:
     """FreeSurfer label map (any shape, integers) -> part indices of :data:`PARTS` (int64, same shape)."""
     parts = torch.zeros(labels.shape, dtype=torch.int64)
     parts[(labels > 0) & (labels < 500)] = PARTS.index("other_brain")
-    for name, values in (("left_cerebrum", _LEFT), ("right_cerebrum", _RIGHT), ("posterior_fossa", _POSTERIOR_FOSSA)):
+    for name, values in (("cerebrum", _CEREBRUM), ("posterior_fossa", _POSTERIOR_FOSSA)):
         parts[torch.isin(labels, torch.tensor(values, dtype=labels.dtype))] = PARTS.index(name)
     return parts
 
 
 class BrainPartsNet(UNet):
-    """A small 3-D U-Net: image ``(B, 1, 64, 64, 64)`` in [0, 1] -> part logits ``(B, 5, 64, 64, 64)``."""
+    """A small 3-D U-Net: image ``(B, 1, 64, 64, 64)`` in [0, 1] -> part logits ``(B, 4, 64, 64, 64)``."""
 
     def __init__(self, channels: tuple = (16, 32, 64, 128)):
         super().__init__(
@@ -58,7 +61,7 @@ class BrainPartsNet(UNet):
             out_channels=len(PARTS),
             channels=tuple(channels),
             strides=(2,) * (len(channels) - 1),
-            num_res_units=1,
+            num_res_units=0,
             norm="instance",
         )
 
@@ -124,26 +127,22 @@ def pose_from_parts(parts: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         parts: ``(D, H, W)`` part indices (:data:`PARTS`) on the grid ``grid`` (``(4, 4)`` voxel-to-world).
 
     Raises:
-        ValueError: a part needed for the pose (both cerebral hemispheres, the posterior fossa) is missing.
+        ValueError: a part needed for the pose (the cerebrum, the posterior fossa) is missing.
     """
     points = {}
-    for name in ("left_cerebrum", "right_cerebrum", "posterior_fossa"):
+    for name in ("cerebrum", "posterior_fossa"):
         voxels = torch.nonzero(parts == PARTS.index(name)).to(torch.float64)
         if len(voxels) < 8:
             raise ValueError(f"no {name.replace('_', ' ')} found")
         points[name] = apply_affine(grid, voxels)
-    right = points["right_cerebrum"].mean(0) - points["left_cerebrum"].mean(0)
-    right = right / right.norm()
-    cerebrum = torch.cat([points["left_cerebrum"], points["right_cerebrum"]])
-    centred = cerebrum - cerebrum.mean(0)
-    centred = centred - (centred @ right)[:, None] * right  # the sagittal plane's view of the cerebrum
+    cerebrum = points["cerebrum"].mean(0)
+    towards_cerebrum = cerebrum - points["posterior_fossa"].mean(0)
+    centred = points["cerebrum"] - cerebrum
     _, vectors = torch.linalg.eigh(centred.T @ centred)
-    front = vectors[:, 2] - (vectors[:, 2] @ right) * right
-    front = front / front.norm()
-    if front @ (cerebrum.mean(0) - points["posterior_fossa"].mean(0)) < 0:  # the cerebellum lies behind
-        front = -front
-    up = torch.linalg.cross(right, front)
-    return torch.stack([right, front, up], dim=1)
+    front = vectors[:, 2] if vectors[:, 2] @ towards_cerebrum >= 0 else -vectors[:, 2]
+    up = towards_cerebrum - (towards_cerebrum @ front) * front
+    up = up / up.norm()
+    return torch.stack([torch.linalg.cross(front, up), front, up], dim=1)
 
 
 def rotation_angle_deg(rotation: torch.Tensor) -> float:

@@ -33,8 +33,7 @@ def brain_parts(rotation: np.ndarray, centre: np.ndarray) -> tuple[torch.Tensor,
     def inside(c, radii):
         return (((upright - np.asarray(c)) / np.asarray(radii)) ** 2).sum(-1) <= 1
 
-    parts[inside((-30, 5, 10), (28, 75, 50))] = PARTS.index("left_cerebrum")
-    parts[inside((30, 5, 10), (28, 75, 50))] = PARTS.index("right_cerebrum")
+    parts[inside((-30, 5, 10), (28, 75, 50)) | inside((30, 5, 10), (28, 75, 50))] = PARTS.index("cerebrum")
     parts[inside((0, -45, -35), (45, 25, 20))] = PARTS.index("posterior_fossa")
     return torch.from_numpy(parts.reshape((HEAD_GRID_SIZE,) * 3)), grid
 
@@ -47,20 +46,20 @@ def test_pose_from_parts_recovers_any_rotation(seed):
     frame = pose_from_parts(parts, grid)
     assert torch.allclose(frame.T @ frame, torch.eye(3, dtype=torch.float64), atol=1e-9)
     assert float(torch.det(frame)) == pytest.approx(1.0)
-    assert rotation_angle_deg(frame.T @ torch.as_tensor(rotation)) < 3.0
+    assert rotation_angle_deg(frame.T @ torch.as_tensor(rotation)) < 8.0  # 4 mm voxels; deepbet tolerates 10
 
 
-def test_pose_from_parts_needs_both_hemispheres():
+def test_pose_from_parts_needs_the_posterior_fossa():
     parts, grid = brain_parts(np.eye(3), np.zeros(3))
-    parts[parts == PARTS.index("left_cerebrum")] = 0
-    with pytest.raises(ValueError, match="left cerebrum"):
+    parts[parts == PARTS.index("posterior_fossa")] = 0
+    with pytest.raises(ValueError, match="posterior fossa"):
         pose_from_parts(parts, grid)
 
 
 def test_parts_of_freesurfer_labels():
     labels = torch.tensor([0, 3, 42, 8, 16, 24, 14, 511, 17, 53])
-    expected = ["background", "left_cerebrum", "right_cerebrum", "posterior_fossa", "posterior_fossa", "other_brain",
-                "other_brain", "background", "left_cerebrum", "right_cerebrum"]  # fmt: skip
+    expected = ["background", "cerebrum", "cerebrum", "posterior_fossa", "posterior_fossa", "other_brain",
+                "other_brain", "background", "cerebrum", "cerebrum"]  # fmt: skip
     assert parts_from_labels(labels).tolist() == [PARTS.index(name) for name in expected]
 
 
