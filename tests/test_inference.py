@@ -24,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from scripts.errors import KeyMorphWorkflowError
 from scripts.keypoint_net import KeypointDetector
 from scripts.transform_io import read_itk_transform, read_keypoints_csv, read_ras_matrix
 
@@ -422,15 +423,17 @@ def settings(tmp_path):
 
 
 def check_fails(capsys, **kwargs) -> str:
-    """Run the check, expect exit code 2 and one ``keymorph: error:`` line; returns the line."""
+    """Run the check as a workflow created from Python does (pytest is not the bundle runner): expect a
+    KeyMorphWorkflowError with exit code 2 and a one-line message, nothing printed; returns the line the command
+    line prints (``keymorph: error: ...``; ``test_a_config_error_through_the_runner_is_one_line_without_traceback``
+    runs the runner itself)."""
     from scripts.cli import check_inference_settings
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(KeyMorphWorkflowError) as error:
         check_inference_settings(**kwargs)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("keymorph: error: "), lines
-    return lines[0]
+    assert error.value.exit_code == 2
+    assert "\n" not in str(error.value) and not capsys.readouterr().err
+    return f"keymorph: error: {error.value}"
 
 
 def test_valid_settings_pass_and_create_the_output_folder(settings):
@@ -496,7 +499,7 @@ def test_weights_that_do_not_fit_the_network(settings, capsys):
 
     line = check_fails(capsys, **{**settings, "network": KeypointDetector(1, 8, (8, 8, 16, 16))})
     assert settings["ckpt_path"] in line and "do not fit" in line and "size mismatch" in line
-    with pytest.raises(SystemExit):
+    with pytest.raises(KeyMorphWorkflowError, match="do not fit"):
         check_network_weights(settings["ckpt_path"], KeypointDetector(1, 8, (8, 8, 16, 16)))
     check_network_weights(settings["ckpt_path"], KeypointDetector(1, NUM_KEYPOINTS, (8, 8, 16, 16)))
 
@@ -710,8 +713,10 @@ def test_dataset_refuses_two_inputs_with_one_case_name(tmp_path):
 @pytest.mark.parametrize(
     "counts, code", [({"ok": 3}, None), ({"ok": 2, "suspect": 1, "skipped": 4}, None), ({"ok": 3, "error": 2}, 1)]
 )
-def test_exit_code_counts_failed_inputs(capsys, counts, code):
+def test_exit_code_counts_failed_inputs(capsys, monkeypatch, counts, code):
     from scripts.cli import run_registration
+
+    monkeypatch.setattr(sys, "argv", runner_argv())  # as under `python -m monai.bundle run`
 
     class Evaluator:
         output_dir = "OUT"
