@@ -352,6 +352,7 @@ def check_inference_settings(
     apply_to: str | None = None,
     aligner: str = "affine",
     overwrite=False,
+    header_only=False,
     search_turns=True,
     refine_iterations: int = 0,
     turn_search_above_mm: float = 0.0,
@@ -370,7 +371,7 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
+    ``header_only``, ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
@@ -394,6 +395,7 @@ def check_inference_settings(
         fail(f"--aligner {aligner!r}: not one of {', '.join(INFERENCE_ALIGNERS)}")
     try:
         as_bool(overwrite, "overwrite")
+        as_bool(header_only, "header_only")
         as_bool(search_turns, "search_turns")
     except KeyMorphInputError as error:
         fail(str(error))

@@ -34,10 +34,15 @@ SMALL_NETWORK = ["--num_keypoints", str(NUM_KEYPOINTS), "--network_channels", "[
 OUTPUT_FILES = (
     "registered.nii.gz",
     "transform.tfm",
+    "transform_inverse.tfm",
     "affine_ras.txt",
+    "transform_flirt.mat",
+    "transform.lta",
+    "moving_mask.nii.gz",
     "keypoints_moving.csv",
     "keypoints_fixed.csv",
     "qc.png",
+    "qc_keypoints.png",
 )
 
 
@@ -233,7 +238,7 @@ def test_the_run_succeeds_and_writes_every_file(folder_run):
         assert sorted(os.listdir(output / name)) == sorted(
             [*OUTPUT_FILES, *(["registered_moving_a_seg.nii.gz"] if name == "moving_a" else [])]
         )
-    assert sorted(os.listdir(output)) == ["moving_a", "moving_b", "summary.csv"]  # no staging leftovers
+    assert sorted(os.listdir(output)) == ["index.html", "moving_a", "moving_b", "summary.csv"]  # no staging leftovers
 
 
 @pytest.mark.parametrize("name", sorted(TRUTH))
@@ -345,8 +350,9 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(folder_run, tmp_pa
     process = run_bundle(*arguments)
     assert process.returncode == 0, process.stderr[-3000:]
     after = _snapshot(output)
-    assert {k: v for k, v in after.items() if k != "summary.csv"} == {
-        k: v for k, v in before.items() if k != "summary.csv"
+    folder_files = ("summary.csv", "index.html")  # rewritten on every run, with the same rows
+    assert {k: v for k, v in after.items() if k not in folder_files} == {
+        k: v for k, v in before.items() if k not in folder_files
     }
     assert read_summary(output) == rows  # the skipped cases keep their rows
     assert "2 input(s): 2 skipped" in process.stdout + process.stderr
@@ -355,7 +361,7 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(folder_run, tmp_pa
     assert process.returncode == 0, process.stderr[-3000:]
     redone = _snapshot(output)
     assert set(redone) == set(before)
-    assert all(redone[key][0] != before[key][0] for key in before if key != "summary.csv")  # every file replaced
+    assert all(redone[key][0] != before[key][0] for key in before if key not in folder_files)  # all replaced
     assert sorted(p for p in os.listdir(output) if p.startswith(".")) == []
 
 
