@@ -210,15 +210,22 @@ def unknown_setting(argv: Sequence[str] | None = None) -> str | None:
             pass
     if not settings.get("config_file"):
         return None
-    files = _config_files(settings["config_file"])
+    return unknown_key(_config_files(settings["config_file"]), settings)
+
+
+def unknown_key(files: Sequence[str], keys) -> str | None:
+    """The one-line problem with the first of ``keys`` (setting ids) that the config ``files`` do not have (runner
+    arguments aside), or None (also when the files cannot be read: the runner reports that)."""
+    from monai.bundle import ConfigParser
+
     try:
-        config = ConfigParser.load_config_files(files)
+        config = ConfigParser.load_config_files(list(files))
     except Exception:
         return None
-    for key in settings:
+    for key in keys:
         if key in RUNNER_ARGUMENTS or key.startswith("_meta_") or _missing_part(config, key) is None:
             continue
-        return _unknown_key_message(config, key, files)
+        return _unknown_key_message(config, key, list(files))
     return None
 
 
