@@ -225,6 +225,11 @@ def unknown_key(files: Sequence[str], keys) -> str | None:
     for key in keys:
         if key in RUNNER_ARGUMENTS or key.startswith("_meta_") or _missing_part(config, key) is None:
             continue
+        if key == "help":
+            return (
+                f"{', '.join(files)}: the settings are commented at the top of the config; for registration,"
+                " `python -m scripts.register --help` lists them with their defaults and choices"
+            )
         return _unknown_key_message(config, key, list(files))
     return None
 

@@ -545,6 +545,7 @@ def test_weights_hash_from_large_files_yml(settings, capsys, tmp_path, recorded)
         (["--outptu_dir=x"], ["unknown setting --outptu_dir", "--output_dir"]),
         (["--network_def#chanels", "[8,8,16,16]"], ["--network_def#chanels", "did you mean --network_def#channels?"]),
         (["--qqq", "1"], ["unknown setting --qqq; the settings are: ", "skull_strip"]),
+        (["--help"], ["the settings are commented at the top of the config", "python -m scripts.register --help"]),
     ],
 )
 def test_unknown_command_line_key_is_one_line(settings, capsys, arguments, words):
