@@ -7,13 +7,22 @@
 * ``index.html``: one row per case of ``summary.csv``, worst first (errors, then suspect cases, then the rest, each
   by decreasing keypoint residual), with the ``qc.png`` thumbnail, the status, the QC scores, the message and links
   to the case's files. Plain HTML and CSS, no script, so it opens from the disk in any browser.
+
+:func:`screenshot` renders a page to PNG in headless Chromium (the Debian package ``chromium``), as a check that a
+real browser shows it and for the documentation: ``python -m scripts.qc_report OUT_DIR/index.html docs/qc_index.png``
+(``make qc-screenshot`` registers the demo images first).
 """
 
 from __future__ import annotations
 
+import argparse
 import html
 import os
-from collections.abc import Iterable, Mapping
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from urllib.parse import quote
 
 import matplotlib
@@ -23,6 +32,9 @@ matplotlib.use("Agg")  # files only, never a window
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from scripts.cli import fail  # noqa: E402
+from scripts.errors import KeyMorphInputError  # noqa: E402
 
 #: Order of the statuses in ``index.html``: what needs a look comes first.
 STATUS_ORDER = ("error", "suspect", "ok", "skipped")
@@ -107,7 +119,8 @@ table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: middle; text-align: left; }
 th { background: #eee; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
-img { width: 240px; display: block; }
+img { width: 320px; display: block; }
+td.name { white-space: nowrap; }
 .error { background: #f8d0d0; } .suspect { background: #fbeec0; } .ok { background: #d8f0d8; }
 .links a { margin-right: 0.6em; white-space: nowrap; }
 """
@@ -151,7 +164,7 @@ def _row(output_dir: str, row: Mapping[str, str]) -> str:
         f'<a href="{link(f)}">{html.escape(f)}</a>' for f in LINKED_FILES if os.path.isfile(os.path.join(folder, f))
     )
     cells = [
-        f"<td>{html.escape(name)}</td>",
+        f'<td class="name">{html.escape(name)}</td>',
         f"<td>{figure}</td>",
         f"<td>{html.escape(status)}</td>",
         scores,
@@ -166,3 +179,77 @@ def write_index(path: str, output_dir: str, rows: Iterable[Mapping[str, str]]) -
     """Write :func:`index_html` to ``path`` (the caller makes it atomic)."""
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(index_html(output_dir, rows))
+
+
+#: Names of a Chromium binary, in the order they are looked for on PATH.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+# Headless, and nothing that reaches out or persists: no GPU, no first-run page, no background network, no
+# component updates, no sync; a fresh profile folder per call.
+_CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def find_chromium() -> str | None:
+    """The path of a Chromium binary on PATH, or None."""
+    return next((path for path in map(shutil.which, CHROMIUM_NAMES) if path), None)
+
+
+def screenshot(page: str, png: str, width: int = 1400, height: int = 900, timeout: float = 120.0) -> None:
+    """Render the HTML file ``page`` in headless Chromium and save the window (``width`` x ``height`` pixels) as
+    ``png``.
+
+    Raises:
+        KeyMorphInputError: no Chromium on PATH (``apt-get install chromium``), ``page`` missing, or Chromium wrote
+            no PNG (its last line of output is in the message).
+    """
+    binary = find_chromium()
+    if binary is None:
+        raise KeyMorphInputError(
+            f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}): apt-get install chromium"
+        )
+    if not os.path.isfile(page):
+        raise KeyMorphInputError(f"{page}: no such page")
+    png = os.path.abspath(png)
+    with tempfile.TemporaryDirectory(prefix="keymorph-chromium-") as profile:
+        command = [
+            binary,
+            *_CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--screenshot={png}",
+            Path(os.path.abspath(page)).as_uri(),
+        ]
+        process = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if not os.path.isfile(png):
+        lines = (process.stderr or process.stdout).strip().splitlines()
+        raise KeyMorphInputError(f"{page}: Chromium wrote no screenshot ({lines[-1] if lines else process.returncode})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.qc_report",
+        description="Render a QC page (OUT_DIR/index.html) to PNG in headless Chromium.",
+    )
+    parser.add_argument("page", help="the HTML file, e.g. OUT_DIR/index.html")
+    parser.add_argument("png", help="the PNG to write")
+    parser.add_argument("--width", type=int, default=1400, help="window width in pixels (default: 1400)")
+    parser.add_argument("--height", type=int, default=900, help="window height in pixels (default: 900)")
+    args = parser.parse_args(argv)
+    try:
+        screenshot(args.page, args.png, args.width, args.height)
+    except KeyMorphInputError as error:
+        fail(str(error))
+    print(args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
