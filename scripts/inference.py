@@ -465,7 +465,7 @@ class RegistrationWriter:
         return fields
 
     def _write_files(self, output: dict, folder: str) -> dict:
-        registration, fixed, moving = output["registration"], output["fixed"], output["moving"]
+        registration, fixed, moving = output["registration"].to("cpu"), output["fixed"], output["moving"]
         moving_volume = moving["original"]
         source = moving_volume.meta.get("filename_or_obj", output["name"])
         matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)

@@ -207,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.moving.lower().endswith(".csv"):
             if args.fixed is not None:
                 raise KeyMorphInputError(f"{args.moving}: a pairs CSV names its fixed images; drop FIXED")
+            if apply_to:
+                raise KeyMorphInputError(f"{args.moving}: a pairs CSV lists accompanying images in its 'extra' column")
             pairs_csv = args.moving
         else:
             fixed = args.fixed if args.fixed is not None else default_atlas_path()

@@ -197,3 +197,14 @@ def test_a_failed_input_exits_1_and_the_others_are_registered(bids_run, capsys, 
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("keymorph: error: 1 of 2 input(s) failed")
     rows = read_summary(tmp_path / "out")
     assert rows["flat"]["status"] == "error" and rows["good"]["status"] in ("ok", "suspect")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [(["fixed.nii.gz"], "a pairs CSV names its fixed images"), (["--apply_to", "{name}_seg.nii.gz"], "'extra' column")],
+)
+def test_a_pairs_csv_takes_no_fixed_image_and_no_apply_to(tmp_path, capsys, extra, words):
+    (tmp_path / "pairs.csv").write_text("moving,fixed\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "pairs.csv"), *extra, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err

@@ -160,3 +160,21 @@ def test_metadata_version_is_the_readme_release():
 def test_model_card_has_the_zoo_template_sections(section):
     card = (ROOT / "docs" / "README.md").read_text()
     assert re.search(rf"^#+ {section}\s*$", card, re.MULTILINE), f"docs/README.md lacks the section {section!r}"
+
+
+@pytest.mark.parametrize("aligner", ["affine", "tps"])
+def test_a_registration_moves_to_the_writers_device_whole(aligner):
+    """On a GPU the network's registrations live on CUDA; the writer takes them to the CPU. ("meta" stands in for
+    the other device: every tensor, the spline's too, must follow.)"""
+    from scripts.registration import fit
+
+    points = torch.rand(1, 12, 3, dtype=torch.float64) * 50
+    registration = fit(points, points + 1.0, aligner=aligner)
+    moved = registration.to("meta")
+    tensors = [moved.fixed_to_moving, moved.fixed_points, moved.moving_points, moved.residual]
+    if aligner == "tps":
+        tensors += [v for v in vars(moved.spline).values() if isinstance(v, torch.Tensor)]
+        assert registration.spline.controls.device.type == "cpu"  # the original is left as it was
+    assert all(t.device.type == "meta" for t in tensors)
+    back = registration.to("cpu")
+    assert torch.equal(back.fixed_to_moving, registration.fixed_to_moving)
