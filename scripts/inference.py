@@ -419,6 +419,10 @@ class RegistrationWriter:
     def summary_path(self) -> str:
         return os.path.join(self.output_dir, "summary.csv")
 
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.output_dir, "index.html")
+
     def _load_summary(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         _remove_leftovers(self.output_dir)
@@ -549,12 +553,11 @@ class RegistrationWriter:
                 writer.writerows(self.rows.values())
 
         write_atomically(self.summary_path, write)
-        index = os.path.join(self.output_dir, "index.html")
-        write_atomically(index, lambda p: write_index(p, self.output_dir, self.rows.values()))
+        write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
 
     def _report(self, engine: Engine) -> None:
         """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them)."""
         engine.state.registration_counts = dict(self.counts)
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
-        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}")
+        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")
