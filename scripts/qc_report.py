@@ -155,7 +155,7 @@ def _row(output_dir: str, row: Mapping[str, str]) -> str:
         return f"{quote(name)}/{quote(file)}"
 
     figure = (
-        f'<a href="{link("qc.png")}"><img src="{link("qc.png")}" alt="QC figure of {html.escape(name)}"></a>'
+        f'<a href="{link("qc.png")}"><img src="{link("qc.png")}" loading="lazy" alt="QC figure of {html.escape(name)}"></a>'
         if os.path.isfile(os.path.join(folder, "qc.png"))
         else ""
     )
