@@ -5,7 +5,7 @@ a quoted glob pattern (``"scans/**/*_T2w.nii.gz"``), a BIDS-like tree with ``--b
 (``sub-*/[ses-*/]anat/*_SUFFIX.nii[.gz]``) or a pairs CSV (columns ``moving``, ``fixed`` and optionally ``name``,
 ``extra``; then no FIXED). FIXED defaults to the MNI152 2009 T1 template (brain-extracted).
 
-The inputs become one pairs CSV, ``OUT/inputs.csv``, and the bundle's own workflow (``configs/inference.yaml``,
+The inputs become one pairs CSV (a temporary file) and the bundle's own workflow (``configs/inference.yaml``,
 :func:`scripts.api.inference_workflow`) registers them: the outputs, ``OUT/summary.csv``, ``OUT/index.html``, the
 resuming of an interrupted run and the exit codes (0; 1 when an input failed; 2 for a wrong setting or input, one
 line ``keymorph: error: ...``) are the bundle runner's. The defaults shown by ``--help`` are the config's.
@@ -19,6 +19,7 @@ import fnmatch
 import glob
 import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
@@ -204,20 +205,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         output_dir = os.path.abspath(args.output_dir)
-        if args.moving.lower().endswith(".csv"):
-            if args.fixed is not None:
-                raise KeyMorphInputError(f"{args.moving}: a pairs CSV names its fixed images; drop FIXED")
-            if apply_to:
-                raise KeyMorphInputError(f"{args.moving}: a pairs CSV lists accompanying images in its 'extra' column")
-            pairs_csv = args.moving
-        else:
-            fixed = args.fixed if args.fixed is not None else default_atlas_path()
-            root = args.moving if os.path.isdir(args.moving) else None
-            movings = find_moving_images(args.moving, args.recursive, args.bids, exclude=output_dir)
-            os.makedirs(output_dir, exist_ok=True)
-            pairs_csv = os.path.join(output_dir, "inputs.csv")
-            write_inputs_csv(pairs_csv, movings, fixed, apply_to, root)
-        run_workflow(inference_workflow(**settings, pairs_csv=pairs_csv, output_dir=output_dir))
+        # the found inputs' CSV stays out of OUT: a wrong setting leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix="keymorph-inputs-") as scratch:
+            if args.moving.lower().endswith(".csv"):
+                if args.fixed is not None:
+                    raise KeyMorphInputError(f"{args.moving}: a pairs CSV names its fixed images; drop FIXED")
+                if apply_to:
+                    raise KeyMorphInputError(
+                        f"{args.moving}: a pairs CSV lists accompanying images in its 'extra' column"
+                    )
+                pairs_csv = args.moving
+            else:
+                fixed = args.fixed if args.fixed is not None else default_atlas_path()
+                root = args.moving if os.path.isdir(args.moving) else None
+                movings = find_moving_images(args.moving, args.recursive, args.bids, exclude=output_dir)
+                pairs_csv = os.path.join(scratch, "inputs.csv")
+                write_inputs_csv(pairs_csv, movings, fixed, apply_to, root)
+            run_workflow(inference_workflow(**settings, pairs_csv=pairs_csv, output_dir=output_dir))
     except KeyMorphWorkflowError as error:
         fail(str(error), error.exit_code)
     except (KeyMorphInputError, OSError) as error:
