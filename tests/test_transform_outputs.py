@@ -31,12 +31,9 @@ MOVING_GRID = {
 }
 
 
-def test_points(count: int = 50, seed: int = 0) -> np.ndarray:
+def sample_points(count: int = 50, seed: int = 0) -> np.ndarray:
     """Points of a brain-sized region around the origin (RAS mm)."""
     return np.random.default_rng(seed).uniform(-90, 90, size=(count, 3))
-
-
-test_points.__test__ = False  # a helper, not a test
 
 
 def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -69,14 +66,14 @@ def written(request, tmp_path):
 
 
 def test_transform_tfm_is_the_fixed_to_moving_map(written):
-    points = test_points()
+    points = sample_points()
     np.testing.assert_allclose(
         itk_maps(str(written["folder"] / "transform.tfm"), points), apply(FIXED_TO_MOVING, points), atol=1e-6
     )
 
 
 def test_inverse_itk_transform_undoes_transform_tfm(written):
-    points = test_points()
+    points = sample_points()
     moved = itk_maps(str(written["folder"] / "transform.tfm"), points)
     back = Affine.from_filename(str(written["folder"] / "transform_inverse.tfm"), fmt="itk").map(moved)
     np.testing.assert_allclose(back, points, atol=1e-4)
@@ -84,7 +81,7 @@ def test_inverse_itk_transform_undoes_transform_tfm(written):
 
 
 def test_flirt_matrix_read_by_nitransforms_maps_like_transform_tfm(written):
-    points = test_points()
+    points = sample_points()
     expected = itk_maps(str(written["folder"] / "transform.tfm"), points)
     flirt = Affine.from_filename(
         str(written["folder"] / "transform_flirt.mat"),
@@ -123,7 +120,7 @@ def test_flirt_matrix_is_flirts_convention(written):
 
 
 def test_lta_read_by_nitransforms_maps_like_transform_tfm(written):
-    points = test_points()
+    points = sample_points()
     expected = itk_maps(str(written["folder"] / "transform.tfm"), points)
     lta = Affine.from_filename(str(written["folder"] / "transform.lta"), fmt="fs")
     np.testing.assert_allclose(lta.map(points), expected, atol=1e-4)
