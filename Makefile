@@ -7,6 +7,7 @@
 #   make format   apply black and isort
 #   make verify   the model zoo's checks: weights hash, metadata schema, network in/out, TorchScript export
 #   make package  build the release zip dist/<name>_v<version>.zip (scripts/package.py; checks the weights hash)
+#   make qc-screenshot  register the demo images and render their QC page in headless Chromium: docs/qc_index.png
 #   make clean    remove caches and generated files (keeps .venv; `make distclean` removes it too)
 
 # Interpreter used only to create the virtual environment; everything else runs from .venv.
@@ -30,7 +31,7 @@ RUN_ID ?= inference
 
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format verify package clean distclean
+.PHONY: venv demo test lint format verify package qc-screenshot clean distclean
 
 venv: $(STAMP)
 
@@ -48,6 +49,12 @@ endif
 		--dataset_dir $(DEMO_INPUT) --output_dir $(DEMO_OUTPUT)
 	@echo "Demo inputs:  $(abspath $(DEMO_INPUT))"
 	@echo "Demo outputs: $(abspath $(DEMO_OUTPUT))"
+
+# The demo's QC page (OUT/index.html) as a browser shows it, for the docs: needs the Debian package chromium.
+qc-screenshot: venv
+	$(BIN)/python -m scripts.demo_data --output_dir $(DEMO_DEFAULT_INPUT)
+	$(BIN)/python -m scripts.register $(DEMO_DEFAULT_INPUT) -o $(DEMO_OUTPUT)
+	$(BIN)/python -m scripts.qc_report $(DEMO_OUTPUT)/index.html docs/qc_index.png --width 1500 --height 700
 
 # pytest exits 5 when it collects no test: that is a failure here, said out loud.
 test: venv

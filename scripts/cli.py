@@ -6,12 +6,19 @@ Everything a user can get wrong in the settings of ``configs/inference.yaml`` is
 single inputs are not settings: they become ``error`` rows of ``summary.csv`` and exit code 1
 (:func:`run_registration`). The training workflows (``configs/pretrain.yaml``, ``configs/train.yaml``) check their
 data source, start weights and output folder the same way (:func:`check_training_settings`).
+
+Those exits belong to the command line only. The functions a config calls are :func:`workflow_step` s: when the
+workflow was created from Python (``monai.bundle.ConfigWorkflow``, ``create_workflow``, a notebook, MONAI Label),
+the same one-line message is raised as :class:`scripts.errors.KeyMorphWorkflowError` (with the exit code the command
+line would use) instead of ending the interpreter.
 """
 
 from __future__ import annotations
 
 import ast
+import contextvars
 import difflib
+import functools
 import logging
 import os
 import re
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.errors import KeyMorphInputError
+from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +51,34 @@ RUNNER_ARGUMENTS = frozenset(
 )
 INFERENCE_ALIGNERS = ("affine", "rigid", "similarity")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# True while a workflow step runs in a workflow created from Python: `fail` raises instead of exiting.
+_RAISE_INSTEAD_OF_EXIT = contextvars.ContextVar("keymorph_raise_instead_of_exit", default=False)
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print ``keymorph: error: message`` on one line and exit with ``code`` (no traceback)."""
+    """Print ``keymorph: error: message`` on one line and exit with ``code`` (no traceback); inside a
+    :func:`workflow_step` of a workflow created from Python, raise :class:`KeyMorphWorkflowError` instead."""
     line = str(message).replace("\r", " ").replace("\n", " ")
+    if _RAISE_INSTEAD_OF_EXIT.get():
+        raise KeyMorphWorkflowError(line, code)
     print(f"keymorph: error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def workflow_step(function):
+    """Decorate a function that a bundle config calls (a check, a run): under ``python -m monai.bundle run`` its
+    :func:`fail` prints one line and exits; in a workflow created from Python it raises
+    :class:`KeyMorphWorkflowError` (the program embedding the workflow decides what an error means)."""
+
+    @functools.wraps(function)
+    def step(*args, **kwargs):
+        token = _RAISE_INSTEAD_OF_EXIT.set(bundle_run_arguments() is None)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _RAISE_INSTEAD_OF_EXIT.reset(token)
+
+    return step
 
 
 def as_bool(value, name: str = "value") -> bool:
@@ -74,6 +102,7 @@ def optional(value):
     return value
 
 
+@workflow_step
 def run_registration(evaluator) -> None:
     """Run the inference evaluator; exit 1 when any input failed (saying how many), 2 on a bad setting."""
     try:
@@ -181,15 +210,27 @@ def unknown_setting(argv: Sequence[str] | None = None) -> str | None:
             pass
     if not settings.get("config_file"):
         return None
-    files = _config_files(settings["config_file"])
+    return unknown_key(_config_files(settings["config_file"]), settings)
+
+
+def unknown_key(files: Sequence[str], keys) -> str | None:
+    """The one-line problem with the first of ``keys`` (setting ids) that the config ``files`` do not have (runner
+    arguments aside), or None (also when the files cannot be read: the runner reports that)."""
+    from monai.bundle import ConfigParser
+
     try:
-        config = ConfigParser.load_config_files(files)
+        config = ConfigParser.load_config_files(list(files))
     except Exception:
         return None
-    for key in settings:
+    for key in keys:
         if key in RUNNER_ARGUMENTS or key.startswith("_meta_") or _missing_part(config, key) is None:
             continue
-        return _unknown_key_message(config, key, files)
+        if key == "help":
+            return (
+                f"{', '.join(files)}: the settings are commented at the top of the config; for registration,"
+                " `python -m scripts.register --help` lists them with their defaults and choices"
+            )
+        return _unknown_key_message(config, key, list(files))
     return None
 
 
@@ -263,6 +304,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+@workflow_step
 def check_network_weights(ckpt_path: str, network) -> None:
     """Exit with one line (:func:`fail`, code 2) unless the weights load into ``network`` (sizes and names)."""
     problem = weights_problem(ckpt_path, None, network)
@@ -309,6 +351,7 @@ def _number_problem(name: str, value, minimum: float | None = None, integer: boo
     return None
 
 
+@workflow_step
 def check_inference_settings(
     dataset_dir: str,
     output_dir: str,
@@ -321,6 +364,7 @@ def check_inference_settings(
     apply_to: str | None = None,
     aligner: str = "affine",
     overwrite=False,
+    header_only=False,
     search_turns=True,
     refine_iterations: int = 0,
     turn_search_above_mm: float = 0.0,
@@ -339,7 +383,7 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
+    ``header_only``, ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
@@ -363,6 +407,7 @@ def check_inference_settings(
         fail(f"--aligner {aligner!r}: not one of {', '.join(INFERENCE_ALIGNERS)}")
     try:
         as_bool(overwrite, "overwrite")
+        as_bool(header_only, "header_only")
         as_bool(search_turns, "search_turns")
     except KeyMorphInputError as error:
         fail(str(error))
@@ -419,6 +464,7 @@ def check_inference_settings(
         fail(problem)
 
 
+@workflow_step
 def check_training_settings(
     dataset_dir: str,
     output_dir: str,

@@ -76,6 +76,7 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import CropForeground, Identityd
 from torch.utils.data import Dataset
 
+from scripts.cli import workflow_step
 from scripts.coordinates import resample_onto
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
@@ -918,6 +919,7 @@ class RobustnessReport:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@workflow_step
 def check_evaluation_settings(
     dataset_dir: str,
     output_dir: str,
@@ -958,6 +960,7 @@ def check_evaluation_settings(
         fail(f"{output_dir}: output folder is not writable")
 
 
+@workflow_step
 def run_evaluation(evaluator: RobustnessEvaluator) -> None:
     """Run the sweep; a :class:`KeyMorphInputError` (bad data or setting) exits 2 with one line."""
     from scripts.cli import fail

@@ -222,6 +222,26 @@ def save_volume(path: str, data: np.ndarray | torch.Tensor, reference: nib.Nifti
     write_atomically(path, lambda temporary: nib.save(image, temporary))
 
 
+def header_moved(image: nib.Nifti1Image, moving_to_fixed: np.ndarray, fixed: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``image`` (the moving image) with its voxels untouched and its header moved into the fixed space: the
+    voxel-to-world matrix becomes ``moving_to_fixed @ image.affine`` (RAS mm), so each voxel lands where the
+    registration puts it, without resampling (resolution, field of view, data type and scaling are kept).
+
+    The sform holds the new matrix with the fixed image's code (its space; 2, "aligned", when it has none). The
+    qform holds it too when it can (no shear: rigid and similarity results); otherwise the qform code is 0, so no
+    reader falls back to a different matrix.
+    """
+    affine = np.asarray(moving_to_fixed, dtype=np.float64) @ image.affine
+    moved = type(image)(image.dataobj, affine, image.header.copy())
+    code = int(fixed.header["sform_code"]) or int(fixed.header["qform_code"]) or 2
+    moved.set_sform(affine, code)
+    moved.set_qform(affine, code)  # nibabel strips what a quaternion cannot hold (shear)
+    if not np.allclose(moved.header.get_qform(), affine, atol=1e-5):
+        moved.set_qform(None)
+    moved.header["descrip"] = b"KeyMorph: moving voxels, header in the fixed space"
+    return moved
+
+
 def default_atlas_path(cache_dir: str | None = None) -> str:
     """Path of the default fixed image: the MNI152 2009 T1 template at 1 mm, brain-extracted, as nilearn ships it.
 

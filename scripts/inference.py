@@ -1,10 +1,15 @@
 """Registering a folder of NIfTI files: the dataset, the evaluator and the writer of ``configs/inference.yaml``.
 
 For ``IN_DIR/NAME.nii.gz`` the writer fills ``OUT_DIR/NAME/`` with ``registered.nii.gz`` (the ORIGINAL moving image
-resampled onto the fixed image's native grid, with the fixed header), ``transform.tfm`` (ITK, fixed -> moving
-physical points, LPS), ``affine_ras.txt`` (moving RAS mm -> fixed RAS mm), ``keypoints_moving.csv`` and
-``keypoints_fixed.csv`` (RAS mm), ``qc.png`` and, for each accompanying image ``EXTRA`` (``apply_to``),
-``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per input.
+resampled onto the fixed image's native grid, with the fixed header), the transform files of
+:func:`scripts.transform_io.write_transform_files` (``transform.tfm``: ITK, fixed -> moving physical points, LPS;
+its inverse; ``affine_ras.txt``: moving RAS mm -> fixed RAS mm; FSL FLIRT and FreeSurfer LTA files),
+``moving_mask.nii.gz`` (the moving brain mask on the moving grid), ``keypoints_moving.csv`` and
+``keypoints_fixed.csv`` (RAS mm), ``qc.png`` (the fixed image's edges over the registered image, fixed grid),
+``qc_keypoints.png`` (the network grids with the keypoints), optionally ``registered_header_only.nii.gz`` (the moving
+voxels with the header moved into the fixed space) and, for each accompanying image ``EXTRA`` (``apply_to``),
+``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per input and ``OUT_DIR/index.html`` shows them all,
+worst first (:mod:`scripts.qc_report`).
 
 Failures and reruns:
 
@@ -40,20 +45,29 @@ from monai.engines import SupervisedEvaluator
 from scripts.cli import as_bool, optional
 from scripts.coordinates import resample_onto
 from scripts.errors import KeyMorphInputError
-from scripts.image_io import is_label_map, is_nifti, load_volume, save_volume
+from scripts.image_io import header_moved, is_label_map, is_nifti, load_volume, save_volume
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
-from scripts.transform_io import write_atomically, write_itk_transform, write_keypoints_csv, write_ras_matrix
+from scripts.qc_report import edges_figure, write_index
+from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
 
 logger = logging.getLogger(__name__)
 
+MASK_FILE = "moving_mask.nii.gz"
 OUTPUT_FILES = (
     "registered.nii.gz",
     "transform.tfm",
+    "transform_inverse.tfm",
     "affine_ras.txt",
+    "transform_flirt.mat",
+    "transform.lta",
+    MASK_FILE,
     "keypoints_moving.csv",
     "keypoints_fixed.csv",
     "qc.png",
+    "qc_keypoints.png",
 )
+# with header_only: the moving image, voxels untouched, its header moved into the fixed space
+HEADER_ONLY_FILE = "registered_header_only.nii.gz"
 SUMMARY_COLUMNS = [
     "name",
     "status",
@@ -373,6 +387,7 @@ class RegistrationWriter:
         residual_threshold: likewise for the keypoint fit residual in mm (above it: "suspect").
         max_brain_fill: likewise for the fraction of the moving image inside its brain mask (above it: "suspect").
         min_smoothness: likewise for the correlation of neighbouring moving brain voxels (below it: "suspect").
+        header_only: also write ``registered_header_only.nii.gz`` (:func:`scripts.image_io.header_moved`).
     """
 
     def __init__(
@@ -382,8 +397,10 @@ class RegistrationWriter:
         residual_threshold: float = QC_THRESHOLDS["max_residual_mm"],
         max_brain_fill: float = QC_THRESHOLDS["max_brain_fill"],
         min_smoothness: float = QC_THRESHOLDS["min_smoothness"],
+        header_only: bool = False,
     ):
         self.output_dir = output_dir
+        self.header_only = as_bool(header_only, "header_only")
         self.thresholds = {
             "min_similarity": float(similarity_threshold),
             "max_residual_mm": float(residual_threshold),
@@ -401,6 +418,10 @@ class RegistrationWriter:
     @property
     def summary_path(self) -> str:
         return os.path.join(self.output_dir, "summary.csv")
+
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.output_dir, "index.html")
 
     def _load_summary(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
@@ -448,7 +469,7 @@ class RegistrationWriter:
         return fields
 
     def _write_files(self, output: dict, folder: str) -> dict:
-        registration, fixed, moving = output["registration"], output["fixed"], output["moving"]
+        registration, fixed, moving = output["registration"].to("cpu"), output["fixed"], output["moving"]
         moving_volume = moving["original"]
         source = moving_volume.meta.get("filename_or_obj", output["name"])
         matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)
@@ -466,15 +487,19 @@ class RegistrationWriter:
         save_volume(os.path.join(folder, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
         for extra in moving.get("extra", []):
             self._write_extra(extra, folder, fixed_file, fixed_affine, matrix)
-        write_atomically(os.path.join(folder, "transform.tfm"), lambda p: write_itk_transform(p, matrix))
-        write_atomically(
-            os.path.join(folder, "affine_ras.txt"), lambda p: write_ras_matrix(p, torch.linalg.inv(matrix))
-        )
+        moving_file = nib.load(source)
+        write_transform_files(folder, matrix, fixed_file, moving_file)
+        self._write_moving_mask(moving["native_mask"], moving_file, folder)
+        if self.header_only:
+            moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
+            write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
         for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
             path = os.path.join(folder, f"keypoints_{role}.csv")
             write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
         scores = qc_scores(registration, fixed, moving)
-        write_atomically(os.path.join(folder, "qc.png"), lambda p: qc_figure(p, registration, fixed, moving))
+        title = f"{output['name']}: fixed image edges over the registered image"
+        write_atomically(os.path.join(folder, "qc.png"), lambda p: edges_figure(p, registered, fixed_file, title))
+        write_atomically(os.path.join(folder, "qc_keypoints.png"), lambda p: qc_figure(p, registration, fixed, moving))
         reasons = qc_flags(scores, self.thresholds)
         notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
         nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
@@ -488,6 +513,20 @@ class RegistrationWriter:
             "brain_fill": f"{scores['brain_fill']:.4f}",
             "smoothness": f"{scores['smoothness']:.4f}",
         }
+
+    @staticmethod
+    def _write_moving_mask(mask, moving_file, folder: str) -> None:
+        """Write the moving brain mask (found on the RAS-reoriented grid) on the moving file's own grid, voxel for
+        voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8 0/1."""
+        native = resample_onto(
+            mask.as_tensor().cpu(),
+            torch.as_tensor(mask.affine, dtype=torch.float64),
+            torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
+            moving_file.shape[:3],
+            torch.eye(4, dtype=torch.float64),
+            mode="nearest",
+        )[0]
+        save_volume(os.path.join(folder, MASK_FILE), (native > 0.5).numpy(), moving_file, np.uint8)
 
     @staticmethod
     def _write_extra(path: str, folder: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
@@ -514,10 +553,11 @@ class RegistrationWriter:
                 writer.writerows(self.rows.values())
 
         write_atomically(self.summary_path, write)
+        write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
 
     def _report(self, engine: Engine) -> None:
         """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them)."""
         engine.state.registration_counts = dict(self.counts)
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
-        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}")
+        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")

@@ -7,6 +7,7 @@ MOVING ones, which is the fixed-to-moving transform of :mod:`scripts.coordinates
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,15 @@ class Registration:
     moving_points: torch.Tensor
     residual: torch.Tensor
     spline: ThinPlateSpline | None = None
+
+    def to(self, device: str | torch.device) -> Registration:
+        """The same registrations with every tensor (the spline's too) on ``device``: the writer works on the CPU
+        whatever device the network ran on."""
+        spline = copy.copy(self.spline)
+        if spline is not None:
+            spline.__dict__.update({k: v.to(device) for k, v in vars(spline).items() if isinstance(v, torch.Tensor)})
+        tensors = (self.fixed_to_moving, self.fixed_points, self.moving_points, self.residual)
+        return Registration(*(t.to(device) for t in tensors), spline)
 
     def grid(self, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, fixed_shape, moving_shape) -> torch.Tensor:
         """Sampling grid ``(B, D, H, W, 3)`` pulling the moving image onto the fixed grid (``align_corners=True``)."""

@@ -5,7 +5,16 @@
   3D Slicer expect.
 * ``affine_ras.txt``: the 4x4 matrix taking MOVING RAS mm coordinates to FIXED RAS mm coordinates (the inverse
   of the fixed-to-moving matrix; see :mod:`scripts.coordinates`), as text with one row per line.
+* ``transform_inverse.tfm``: the ITK transform of the other direction (MOVING to FIXED physical points), what
+  resampling the fixed image onto the moving grid needs (``antsApplyTransforms -r MOVING -i FIXED``).
+* ``transform_flirt.mat``: FSL FLIRT's matrix for ``flirt -in MOVING -ref FIXED -applyxfm -init transform_flirt.mat``
+  (FLIRT's convention: moving to fixed in each image's scaled-voxel coordinates, so it depends on both grids).
+* ``transform.lta``: FreeSurfer's linear transform array (``LINEAR_RAS_TO_RAS``, with both volume geometries), for
+  ``mri_vol2vol --mov MOVING --targ FIXED --lta transform.lta``.
 * ``keypoints_*.csv``: one keypoint per row, ``x, y, z`` in RAS mm and its ``weight``.
+
+The FLIRT and FreeSurfer conventions are nitransforms' (``nitransforms.linear.Affine``, whose matrix is, like ours,
+the fixed-to-moving RAS map), not written by hand here.
 """
 
 from __future__ import annotations
@@ -13,9 +22,11 @@ from __future__ import annotations
 import csv
 import os
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
+from nitransforms.linear import Affine
 
 from scripts.coordinates import ras_to_lps
 
@@ -50,6 +61,50 @@ def read_itk_transform(path: str) -> np.ndarray:
     if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0)
     return ras_from_itk_affine(transform)
+
+
+def _as_array(matrix: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu()
+    return np.asarray(matrix, dtype=np.float64)
+
+
+def write_inverse_itk_transform(path: str, fixed_to_moving: np.ndarray | torch.Tensor) -> None:
+    """Write ``transform_inverse.tfm``: ITK, MOVING physical points to FIXED physical points (see the module
+    docstring). Written like ``transform.tfm`` (SimpleITK, full double precision; nitransforms' ITK writer keeps six
+    significant digits, up to 1e-4 mm off at 100 mm); tests read it back with nitransforms."""
+    write_itk_transform(path, np.linalg.inv(_as_array(fixed_to_moving)))
+
+
+def write_flirt_matrix(
+    path: str, fixed_to_moving: np.ndarray | torch.Tensor, fixed: nib.Nifti1Image, moving: nib.Nifti1Image
+) -> None:
+    """Write ``transform_flirt.mat``: FSL FLIRT's moving-to-fixed matrix for these two images (their grids)."""
+    Affine(_as_array(fixed_to_moving), reference=fixed).to_filename(path, fmt="fsl", moving=moving)
+
+
+def write_lta(
+    path: str, fixed_to_moving: np.ndarray | torch.Tensor, fixed: nib.Nifti1Image, moving: nib.Nifti1Image
+) -> None:
+    """Write ``transform.lta``: FreeSurfer's RAS-to-RAS transform between these two images."""
+    Affine(_as_array(fixed_to_moving), reference=fixed).to_filename(path, fmt="fs", moving=moving)
+
+
+def write_transform_files(
+    folder: str, fixed_to_moving: np.ndarray | torch.Tensor, fixed: nib.Nifti1Image, moving: nib.Nifti1Image
+) -> None:
+    """Write a case's transform files into ``folder``, each atomically: ``transform.tfm``, ``transform_inverse.tfm``,
+    ``affine_ras.txt``, ``transform_flirt.mat`` and ``transform.lta`` (see the module docstring)."""
+    matrix = _as_array(fixed_to_moving)
+    writers = {
+        "transform.tfm": lambda p: write_itk_transform(p, matrix),
+        "transform_inverse.tfm": lambda p: write_inverse_itk_transform(p, matrix),
+        "affine_ras.txt": lambda p: write_ras_matrix(p, np.linalg.inv(matrix)),
+        "transform_flirt.mat": lambda p: write_flirt_matrix(p, matrix, fixed, moving),
+        "transform.lta": lambda p: write_lta(p, matrix, fixed, moving),
+    }
+    for name, write in writers.items():
+        write_atomically(os.path.join(folder, name), write)
 
 
 def write_ras_matrix(path: str, moving_to_fixed: np.ndarray | torch.Tensor) -> None:

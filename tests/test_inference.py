@@ -24,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from scripts.errors import KeyMorphWorkflowError
 from scripts.keypoint_net import KeypointDetector
 from scripts.transform_io import read_itk_transform, read_keypoints_csv, read_ras_matrix
 
@@ -33,10 +34,15 @@ SMALL_NETWORK = ["--num_keypoints", str(NUM_KEYPOINTS), "--network_channels", "[
 OUTPUT_FILES = (
     "registered.nii.gz",
     "transform.tfm",
+    "transform_inverse.tfm",
     "affine_ras.txt",
+    "transform_flirt.mat",
+    "transform.lta",
+    "moving_mask.nii.gz",
     "keypoints_moving.csv",
     "keypoints_fixed.csv",
     "qc.png",
+    "qc_keypoints.png",
 )
 
 
@@ -232,7 +238,7 @@ def test_the_run_succeeds_and_writes_every_file(folder_run):
         assert sorted(os.listdir(output / name)) == sorted(
             [*OUTPUT_FILES, *(["registered_moving_a_seg.nii.gz"] if name == "moving_a" else [])]
         )
-    assert sorted(os.listdir(output)) == ["moving_a", "moving_b", "summary.csv"]  # no staging leftovers
+    assert sorted(os.listdir(output)) == ["index.html", "moving_a", "moving_b", "summary.csv"]  # no staging leftovers
 
 
 @pytest.mark.parametrize("name", sorted(TRUTH))
@@ -344,8 +350,9 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(folder_run, tmp_pa
     process = run_bundle(*arguments)
     assert process.returncode == 0, process.stderr[-3000:]
     after = _snapshot(output)
-    assert {k: v for k, v in after.items() if k != "summary.csv"} == {
-        k: v for k, v in before.items() if k != "summary.csv"
+    folder_files = ("summary.csv", "index.html")  # rewritten on every run, with the same rows
+    assert {k: v for k, v in after.items() if k not in folder_files} == {
+        k: v for k, v in before.items() if k not in folder_files
     }
     assert read_summary(output) == rows  # the skipped cases keep their rows
     assert "2 input(s): 2 skipped" in process.stdout + process.stderr
@@ -354,7 +361,7 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(folder_run, tmp_pa
     assert process.returncode == 0, process.stderr[-3000:]
     redone = _snapshot(output)
     assert set(redone) == set(before)
-    assert all(redone[key][0] != before[key][0] for key in before if key != "summary.csv")  # every file replaced
+    assert all(redone[key][0] != before[key][0] for key in before if key not in folder_files)  # all replaced
     assert sorted(p for p in os.listdir(output) if p.startswith(".")) == []
 
 
@@ -422,15 +429,17 @@ def settings(tmp_path):
 
 
 def check_fails(capsys, **kwargs) -> str:
-    """Run the check, expect exit code 2 and one ``keymorph: error:`` line; returns the line."""
+    """Run the check as a workflow created from Python does (pytest is not the bundle runner): expect a
+    KeyMorphWorkflowError with exit code 2 and a one-line message, nothing printed; returns the line the command
+    line prints (``keymorph: error: ...``; ``test_a_config_error_through_the_runner_is_one_line_without_traceback``
+    runs the runner itself)."""
     from scripts.cli import check_inference_settings
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(KeyMorphWorkflowError) as error:
         check_inference_settings(**kwargs)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("keymorph: error: "), lines
-    return lines[0]
+    assert error.value.exit_code == 2
+    assert "\n" not in str(error.value) and not capsys.readouterr().err
+    return f"keymorph: error: {error.value}"
 
 
 def test_valid_settings_pass_and_create_the_output_folder(settings):
@@ -496,7 +505,7 @@ def test_weights_that_do_not_fit_the_network(settings, capsys):
 
     line = check_fails(capsys, **{**settings, "network": KeypointDetector(1, 8, (8, 8, 16, 16))})
     assert settings["ckpt_path"] in line and "do not fit" in line and "size mismatch" in line
-    with pytest.raises(SystemExit):
+    with pytest.raises(KeyMorphWorkflowError, match="do not fit"):
         check_network_weights(settings["ckpt_path"], KeypointDetector(1, 8, (8, 8, 16, 16)))
     check_network_weights(settings["ckpt_path"], KeypointDetector(1, NUM_KEYPOINTS, (8, 8, 16, 16)))
 
@@ -536,6 +545,7 @@ def test_weights_hash_from_large_files_yml(settings, capsys, tmp_path, recorded)
         (["--outptu_dir=x"], ["unknown setting --outptu_dir", "--output_dir"]),
         (["--network_def#chanels", "[8,8,16,16]"], ["--network_def#chanels", "did you mean --network_def#channels?"]),
         (["--qqq", "1"], ["unknown setting --qqq; the settings are: ", "skull_strip"]),
+        (["--help"], ["the settings are commented at the top of the config", "python -m scripts.register --help"]),
     ],
 )
 def test_unknown_command_line_key_is_one_line(settings, capsys, arguments, words):
@@ -710,8 +720,10 @@ def test_dataset_refuses_two_inputs_with_one_case_name(tmp_path):
 @pytest.mark.parametrize(
     "counts, code", [({"ok": 3}, None), ({"ok": 2, "suspect": 1, "skipped": 4}, None), ({"ok": 3, "error": 2}, 1)]
 )
-def test_exit_code_counts_failed_inputs(capsys, counts, code):
+def test_exit_code_counts_failed_inputs(capsys, monkeypatch, counts, code):
     from scripts.cli import run_registration
+
+    monkeypatch.setattr(sys, "argv", runner_argv())  # as under `python -m monai.bundle run`
 
     class Evaluator:
         output_dir = "OUT"
