@@ -11,6 +11,10 @@ Failures and reruns:
 * A bad input never stops the folder: it gets status ``error`` and a one-line message naming the file, and the
   next input is registered. Registered cases get ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc`
   flags them.
+* Case names name folders of OUT_DIR, so they are checked (:mod:`scripts.output_folder`): one path component, not
+  hidden, not a file of the run such as ``summary.csv``; an invalid name is an ``error`` row naming the input, and
+  every path the writer creates goes through one guard that keeps it inside OUT_DIR. One run at a time writes to a
+  folder (``OUT_DIR/.keymorph.lock``); a second one is refused with one line naming the PID of the first.
 * Outputs are atomic per case: the files are written into a hidden staging folder ``OUT_DIR/.keymorph-tmp-*``,
   which then replaces ``OUT_DIR/NAME`` as a whole (rename), so ``OUT_DIR/NAME`` is either absent, the complete old
   result or the complete new one, never a mix, even after a crash or kill (leftover hidden folders are removed by
@@ -41,6 +45,15 @@ from scripts.cli import as_bool, optional
 from scripts.coordinates import resample_onto
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import is_label_map, is_nifti, load_volume, save_volume
+from scripts.output_folder import (
+    STAGING_PREFIX,
+    SUMMARY_FILE,
+    RunLock,
+    check_case_name,
+    inside,
+    printable,
+    staging_name,
+)
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.transform_io import write_atomically, write_itk_transform, write_keypoints_csv, write_ras_matrix
 
@@ -65,8 +78,6 @@ SUMMARY_COLUMNS = [
     "smoothness",
 ]
 STATUSES = ("ok", "suspect", "error", "skipped")
-# Hidden staging and swap folders in OUT_DIR: ".keymorph-tmp-PID-NAME", ".keymorph-old-PID-NAME".
-_STAGING_PREFIX = ".keymorph-"
 
 
 def case_name(path: str) -> str:
@@ -158,6 +169,11 @@ class RegistrationDataset(Dataset):
         items = self._pairs(pairs_csv) if pairs_csv else self._folder(dataset_dir, fixed_image, apply_to)
         seen: dict[str, str] = {}
         for item in items:
+            try:
+                check_case_name(item["name"], item["image"])
+            except KeyMorphInputError as error:
+                item["error"], item["name"] = str(error), printable(str(item["name"]))
+                continue
             if mask_dir:
                 item["mask_path"] = self._mask_path(mask_dir, item["name"])
             if item["name"] in seen:
@@ -313,11 +329,11 @@ class RegistrationEvaluator(SupervisedEvaluator):
 
 
 def _remove_leftovers(output_dir: str) -> None:
-    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-NAME`` and
+    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-HASH`` and
     temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
     kept)."""
     for name in os.listdir(output_dir):
-        if name.startswith(_STAGING_PREFIX):
+        if name.startswith(STAGING_PREFIX):
             field = 2
         elif name.startswith(".tmp-"):
             field = 1
@@ -354,7 +370,7 @@ def replace_folder(staging: str, final: str) -> None:
     """
     parent, name = os.path.split(final)
     if os.path.lexists(final):
-        old = os.path.join(parent, f"{_STAGING_PREFIX}old-{os.getpid()}-{name}")
+        old = inside(parent, staging_name("old", name))
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(staging, final)
@@ -392,18 +408,27 @@ class RegistrationWriter:
         }
         self.rows: dict[str, dict] = {}
         self.counts: dict[str, int] = {}
+        self.lock = RunLock(output_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load_summary)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self._report)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
 
     @property
     def summary_path(self) -> str:
-        return os.path.join(self.output_dir, "summary.csv")
+        return os.path.join(self.output_dir, SUMMARY_FILE)
+
+    def _release_and_raise(self, engine: Engine, error: BaseException) -> None:
+        self.lock.release()
+        raise error
 
     def _load_summary(self, engine: Engine) -> None:
+        """Take the output folder (:class:`scripts.output_folder.RunLock`), clean what a killed run left and read
+        the earlier summary rows."""
         os.makedirs(self.output_dir, exist_ok=True)
+        self.lock.acquire()
         _remove_leftovers(self.output_dir)
         self.counts = {}
         if os.path.exists(self.summary_path):
@@ -436,8 +461,8 @@ class RegistrationWriter:
     def _write_case(self, output: dict) -> dict:
         """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
         name = output["name"]
-        final = os.path.join(self.output_dir, name)
-        staging = os.path.join(self.output_dir, f"{_STAGING_PREFIX}tmp-{os.getpid()}-{name}")
+        final = inside(self.output_dir, name)
+        staging = inside(self.output_dir, staging_name("tmp", name))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
@@ -504,7 +529,7 @@ class RegistrationWriter:
             mode="nearest" if label else "bilinear",
         )[0]
         dtype = nib.load(path).get_data_dtype() if label else np.float32
-        save_volume(os.path.join(folder, extra_output_name(path)), warped.numpy(), fixed_file, dtype)
+        save_volume(inside(folder, extra_output_name(path)), warped.numpy(), fixed_file, dtype)
 
     def _write_summary(self) -> None:
         def write(path: str) -> None:
@@ -516,7 +541,9 @@ class RegistrationWriter:
         write_atomically(self.summary_path, write)
 
     def _report(self, engine: Engine) -> None:
-        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them)."""
+        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
+        let go of the output folder."""
+        self.lock.release()
         engine.state.registration_counts = dict(self.counts)
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))

@@ -659,7 +659,10 @@ def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_
         writer._write_case(writer_output)
     monkeypatch.setattr(os, "rename", rename)
     assert not (output / "case").exists() and not case_done(str(output), "case")  # redone by the next run
-    RegistrationWriter(str(output))._load_summary(None)  # the next run starts by removing the leftovers
+    next_run = RegistrationWriter(str(output))
+    next_run._load_summary(None)  # the next run starts by removing the leftovers
+    assert os.listdir(output) == [".keymorph.lock"]  # and holds the folder until it ends
+    next_run.lock.release()
     assert os.listdir(output) == []
 
 
