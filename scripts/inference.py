@@ -89,15 +89,28 @@ def case_name(path: str) -> str:
     return name
 
 
-def extra_output_name(path: str) -> str:
-    """File name of an accompanying image once registered: ``registered_`` + its own file name."""
-    return f"registered_{os.path.basename(path)}"
+def extra_output_names(paths) -> list[str]:
+    """File names of a case's accompanying images once registered, in order: ``registered_`` + the image's file
+    name or, for images sharing a file name (``labels/a_seg.nii.gz``, ``lesions/a_seg.nii.gz``), + as many of its
+    parent folders as tell them apart (``registered_labels_a_seg.nii.gz``); raises :class:`KeyMorphInputError` when
+    two names still clash (one would overwrite the other)."""
+    split = [os.path.normpath(p).split(os.sep) for p in paths]
+    names = []
+    for parts in split:
+        depth = 1
+        while depth < len(parts) and any(o != parts and o[-depth:] == parts[-depth:] for o in split):
+            depth += 1
+        names.append("registered_" + "_".join(parts[-depth:]))
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise KeyMorphInputError(f"accompanying images would overwrite each other as {', '.join(clashes)}")
+    return names
 
 
 def case_done(output_dir: str, name: str, extra=()) -> bool:
     """Whether ``output_dir/name`` holds every output of a case with these accompanying images."""
     folder = os.path.join(output_dir, name)
-    expected = [*OUTPUT_FILES, *[extra_output_name(p) for p in extra]]
+    expected = [*OUTPUT_FILES, *extra_output_names(extra)]
     return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
 
 
@@ -176,6 +189,11 @@ class RegistrationDataset(Dataset):
                 continue
             if mask_dir:
                 item["mask_path"] = self._mask_path(mask_dir, item["name"])
+            item["extra"] = list(dict.fromkeys(os.path.normpath(p) for p in item["extra"]))
+            try:
+                extra_output_names(item["extra"])
+            except KeyMorphInputError as error:
+                item["error"] = f"{item['image']}: {error}"
             if item["name"] in seen:
                 item["error"] = (
                     f"{item['image']}: case name {item['name']!r} is already used by {seen[item['name']]};"
@@ -204,8 +222,12 @@ class RegistrationDataset(Dataset):
         items = []
         for name in names:
             stem = case_name(name)
-            extra = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem)))) if apply_to else []
-            items.append({"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": extra})
+            item = {"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": []}
+            if apply_to:
+                item["extra"] = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem))))
+                if not item["extra"]:
+                    item["notes"] = [f"--apply_to {apply_to!r} matched no file for this case"]
+            items.append(item)
         if not items:
             raise KeyMorphInputError(f"{dataset_dir}: no .nii or .nii.gz files to register")
         return items
@@ -454,7 +476,7 @@ class RegistrationWriter:
         self.counts[status] = self.counts.get(status, 0) + 1
         if status == "error":
             logger.error(row["message"])
-        elif status == "suspect":
+        elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
             logger.warning(f"{output['name']}: {row['message']}")
         self._write_summary()
 
@@ -489,8 +511,8 @@ class RegistrationWriter:
             matrix,
         )[0]
         save_volume(os.path.join(folder, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
-        for extra in moving.get("extra", []):
-            self._write_extra(extra, folder, fixed_file, fixed_affine, matrix)
+        for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
+            self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
         write_atomically(os.path.join(folder, "transform.tfm"), lambda p: write_itk_transform(p, matrix))
         write_atomically(
             os.path.join(folder, "affine_ras.txt"), lambda p: write_ras_matrix(p, torch.linalg.inv(matrix))
@@ -502,6 +524,7 @@ class RegistrationWriter:
         write_atomically(os.path.join(folder, "qc.png"), lambda p: qc_figure(p, registration, fixed, moving))
         reasons = qc_flags(scores, self.thresholds)
         notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
+        notes += moving.get("notes", [])
         nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
         if nonfinite > 0:
             notes.append(f"{100 * nonfinite:.2g}% of the voxels were NaN or infinite (set to 0)")
@@ -515,21 +538,28 @@ class RegistrationWriter:
         }
 
     @staticmethod
-    def _write_extra(path: str, folder: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
-        """Apply the transform to an accompanying image; integer images are label maps (nearest neighbour, dtype
-        kept), others are resampled trilinearly to float32."""
+    def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
+        (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
         volume = load_volume(path, require_contrast=False)
-        label = is_label_map(path)
-        warped = resample_onto(
-            volume.as_tensor(),
-            torch.as_tensor(volume.affine, dtype=torch.float64),
-            fixed_affine,
-            fixed_file.shape[:3],
-            matrix,
-            mode="nearest" if label else "bilinear",
-        )[0]
-        dtype = nib.load(path).get_data_dtype() if label else np.float32
-        save_volume(inside(folder, extra_output_name(path)), warped.numpy(), fixed_file, dtype)
+        moving_affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+        if not is_label_map(path):
+            warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]
+            save_volume(target, warped.numpy(), fixed_file, np.float32)
+            return
+        # Label values need not fit float32 (2**24 + 1 does not), which the resampling computes in: it moves the
+        # 1-based rank of each voxel's value among the image's values instead (0: outside the moving image).
+        labels = np.asanyarray(nib.load(path).dataobj).reshape(volume.shape[1:])
+        values, ranks = np.unique(labels, return_inverse=True)
+        if len(values) >= 2**24:
+            raise KeyMorphInputError(f"{path}: more than 2**24 distinct label values")
+        ranks = torch.from_numpy((ranks.reshape(labels.shape) + 1).astype(np.float32))[None]
+        del volume
+        warped = resample_onto(ranks, moving_affine, fixed_affine, fixed_file.shape[:3], matrix, mode="nearest")[0]
+        warped = warped.numpy().astype(np.int64)
+        dtype = nib.load(path).get_data_dtype()
+        out = np.where(warped > 0, values[np.maximum(warped - 1, 0)], 0).astype(dtype)
+        save_volume(target, out, fixed_file, dtype)
 
     def _write_summary(self) -> None:
         def write(path: str) -> None:
