@@ -401,6 +401,39 @@ def replace_folder(staging: str, final: str) -> None:
         os.rename(staging, final)
 
 
+def read_summary_rows(path: str) -> dict[str, dict]:
+    """The rows of an earlier ``summary.csv`` by case name, also after a spreadsheet saved it: UTF-8 with or
+    without a byte-order mark, else Windows-1252 (with a warning; the file is rewritten as UTF-8), comma,
+    semicolon or tab separated. Raises :class:`KeyMorphInputError` when it cannot be read at all (rather than
+    overwriting it)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise KeyMorphInputError(f"{path}: cannot read the earlier summary ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+        logger.warning(f"{path}: not UTF-8 (saved by a spreadsheet?); read as Windows-1252, rewritten as UTF-8")
+    try:
+        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(text.splitlines(), delimiter=dialect.delimiter))
+    if rows and "name" not in rows[0]:
+        logger.warning(f"{path}: no 'name' column; its rows are not kept")
+    return {row["name"]: row for row in rows if row.get("name")}
+
+
+def _seconds(value) -> str:
+    """A duration for the summary, two decimals; also from a spreadsheet's ``1,5`` (empty when unreadable)."""
+    try:
+        return f"{float(str(value or 0).replace(',', '.')):.2f}"
+    except ValueError:
+        return ""
+
+
 class RegistrationWriter:
     """Ignite handler writing each case's files and ``summary.csv`` (see the module docstring).
 
@@ -454,8 +487,7 @@ class RegistrationWriter:
         _remove_leftovers(self.output_dir)
         self.counts = {}
         if os.path.exists(self.summary_path):
-            with open(self.summary_path, newline="") as handle:
-                self.rows = {row["name"]: row for row in csv.DictReader(handle) if row.get("name")}
+            self.rows = read_summary_rows(self.summary_path)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -470,7 +502,7 @@ class RegistrationWriter:
                 logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
                 row.update(status="error", message=_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]
-        row["seconds"] = f"{float(row.get('seconds') or 0):.2f}"
+        row["seconds"] = _seconds(row.get("seconds"))
         self.rows[output["name"]] = row
         status = "skipped" if output["status"] == "skipped" else row["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
