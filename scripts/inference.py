@@ -464,6 +464,7 @@ class RegistrationWriter:
         self.rows: dict[str, dict] = {}
         self.counts: dict[str, int] = {}
         self.lock = RunLock(output_dir)
+        self.summary_problem: str | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load_summary)
@@ -510,7 +511,18 @@ class RegistrationWriter:
             logger.error(row["message"])
         elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
             logger.warning(f"{output['name']}: {row['message']}")
-        self._write_summary()
+        self._try_write_summary()
+
+    def _try_write_summary(self) -> None:
+        """Write the summary; when the folder stops taking files (read-only, full), keep the rows in memory, warn
+        once, and let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
+        try:
+            self._write_summary()
+            self.summary_problem = None
+        except OSError as error:
+            if self.summary_problem is None:
+                logger.warning(f"{self.summary_path}: cannot write ({error.strerror or error}); trying on")
+            self.summary_problem = error.strerror or str(error)
 
     def _write_case(self, output: dict) -> dict:
         """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
@@ -604,9 +616,17 @@ class RegistrationWriter:
 
     def _report(self, engine: Engine) -> None:
         """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
-        let go of the output folder."""
+        let go of the output folder. Raises :class:`KeyMorphInputError` when the summary could not be written (the
+        output folder stopped taking files during the run)."""
+        if self.summary_problem is not None:
+            self._try_write_summary()
         self.lock.release()
         engine.state.registration_counts = dict(self.counts)
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
+        if self.summary_problem is not None:
+            raise KeyMorphInputError(
+                f"{self.summary_path}: cannot write the summary ({self.summary_problem}): the output folder stopped"
+                f" taking files during the run; {total} input(s) this run: {parts or 'none'}"
+            )
         logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}")

@@ -143,10 +143,12 @@ def write_checkpoint(path, seed: int = 0) -> str:
 # --- the runner -------------------------------------------------------------------------------------------------
 
 
-def run_bundle(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root."""
+def run_bundle(*arguments: str, cwd: Path = ROOT, python_path=(), env=None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root;
+    ``python_path`` folders go before the bundle root on PYTHONPATH, ``env`` adds environment variables."""
     command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join([*map(str, python_path), str(ROOT)])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [*command, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
     )

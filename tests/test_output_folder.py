@@ -15,6 +15,7 @@ import sys
 
 import pytest
 from test_inference import (
+    OUTPUT_FILES,
     ROOT,
     TRUTH,
     has_traceback,
@@ -195,3 +196,55 @@ def test_a_summary_saved_by_a_spreadsheet_keeps_its_rows(tmp_path, encoding, del
     after = read_summary(output)  # rewritten as UTF-8 with commas
     assert after == before  # statuses and QC scores kept
     assert ("not UTF-8" in process.stdout + process.stderr) == (encoding == "cp1252")
+
+
+# Loaded by the bundle's python through PYTHONPATH: once OUT_DIR/<trigger> exists, every change below OUT_DIR fails
+# with EROFS, as when a disk is remounted read-only (root ignores permission bits, so chmod cannot show this).
+READ_ONLY_LATER = """
+import builtins, errno, os
+
+_OUT = os.environ["KEYMORPH_TEST_OUT"]
+_TRIGGER = os.path.join(_OUT, os.environ["KEYMORPH_TEST_TRIGGER"])
+
+
+def _check(path):
+    if isinstance(path, int):
+        return
+    path = os.path.abspath(os.fspath(path))
+    if path.startswith(_OUT + os.sep) and os.path.exists(_TRIGGER):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+
+def _guard(function, writes=lambda *a, **k: True):
+    def guarded(path, *args, **kwargs):
+        if writes(path, *args, **kwargs):
+            _check(path)
+        return function(path, *args, **kwargs)
+
+    return guarded
+
+
+builtins.open = _guard(builtins.open, lambda p, mode="r", *a, **k: any(c in mode for c in "wax+"))
+for _name in ("mkdir", "rename", "replace", "remove", "unlink", "rmdir"):
+    setattr(os, _name, _guard(getattr(os, _name)))
+"""
+
+
+def test_an_output_folder_turning_read_only_mid_run_ends_with_one_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        write_moving(tmp_path / "in" / f"{name}.nii.gz", TRUTH["moving_a"])
+    fixed = write_fixed(tmp_path / "fixed.nii.gz")
+    ckpt = write_checkpoint(tmp_path / "model.pt")
+    output = tmp_path / "out"
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(READ_ONLY_LATER)
+    arguments = inference_arguments(tmp_path / "in", output, fixed, ckpt, "--refine_iterations", "0")
+    env = {"KEYMORPH_TEST_OUT": str(output), "KEYMORPH_TEST_TRIGGER": "a"}
+    process = run_bundle(*arguments, python_path=[tmp_path / "inject"], env=env)
+    assert process.returncode == 2 and not has_traceback(process), process.stderr[-3000:]
+    line = process.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"keymorph: error: {output / 'summary.csv'}: cannot write the summary (Read-only"), line
+    assert "3 input(s) this run: 1 ok, 2 error" in line or "1 suspect, 2 error" in line, line
+    assert sorted(os.listdir(output / "a")) == sorted(OUTPUT_FILES)  # the case written before stays whole
+    assert not (output / "b").exists() and not (output / "c").exists()
