@@ -40,6 +40,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
+from monai.transforms import apply_transform
 
 from scripts.cli import as_bool, optional
 from scripts.coordinates import resample_onto
@@ -54,6 +55,7 @@ from scripts.output_folder import (
     printable,
     staging_name,
 )
+from scripts.provenance import PROVENANCE_FILE, read_provenance, what_changed, write_provenance
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.transform_io import write_atomically, write_itk_transform, write_keypoints_csv, write_ras_matrix
 
@@ -66,6 +68,7 @@ OUTPUT_FILES = (
     "keypoints_moving.csv",
     "keypoints_fixed.csv",
     "qc.png",
+    PROVENANCE_FILE,
 )
 SUMMARY_COLUMNS = [
     "name",
@@ -163,8 +166,11 @@ class RegistrationDataset(Dataset):
     ``.nii``), given to the preprocessing as ``mask_path``.
 
     With ``output_dir`` given and ``overwrite`` false, cases already done there (:func:`case_done`) come back as
-    ``{..., "skipped": True}`` without being read. Items whose preprocessing fails come back as ``{..., "error":
-    message}`` so one bad file never stops the folder.
+    ``{..., "skipped": True}`` without being read, unless ``provenance`` (a
+    :class:`scripts.provenance.RunProvenance`) shows that they were made from other files, settings or weights:
+    those are redone, with a note saying what changed. Items carry the record the writer stores
+    (``"provenance"``). Items whose preprocessing fails come back as ``{..., "error": message}`` so one bad file
+    never stops the folder.
     """
 
     def __init__(
@@ -177,8 +183,10 @@ class RegistrationDataset(Dataset):
         mask_dir: str | None = None,
         output_dir: str | None = None,
         overwrite: bool = False,
+        provenance=None,
     ):
         pairs_csv, apply_to, mask_dir = optional(pairs_csv), optional(apply_to), optional(mask_dir)
+        self.provenance = provenance
         items = self._pairs(pairs_csv) if pairs_csv else self._folder(dataset_dir, fixed_image, apply_to)
         seen: dict[str, str] = {}
         for item in items:
@@ -261,14 +269,21 @@ class RegistrationDataset(Dataset):
         return items
 
     def _transform(self, index: int):
-        item = self.data[index]
+        item = dict(self.data[index])
         if "error" in item:
             return {**item, "seconds": 0.0}
-        if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
-            return {**item, "skipped": True, "seconds": 0.0}
         start = time.perf_counter()
+        if self.provenance is not None:
+            item["provenance"] = self.provenance.for_case(item)
+        if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
+            change = None
+            if self.provenance is not None:
+                change = what_changed(read_provenance(os.path.join(self.output_dir, item["name"])), item["provenance"])
+            if change is None:
+                return {**item, "skipped": True, "seconds": 0.0}
+            item["notes"] = [*item.get("notes", []), f"redone: {change}"]
         try:
-            result = super()._transform(index)
+            result = apply_transform(self.transform, item) if self.transform is not None else item
         except Exception as error:  # KeyMorphInputError, or a library failing on a file we did not foresee
             result = {**item, "error": _naming(error, item["image"])}
         return {**result, "seconds": time.perf_counter() - start}
@@ -278,7 +293,7 @@ class RegistrationEvaluator(SupervisedEvaluator):
     """Registers each moving image of the dataset to its fixed image; one iteration per case.
 
     The fixed images are preprocessed once with ``fixed_preprocessing`` and kept (a fixed image that fails is an
-    error for each of its cases). The iteration output is a dict with ``name``, ``status`` ("ok", "error" or
+    error for each of its cases). Which cases are skipped is the dataset's decision (items marked ``skipped``). The iteration output is a dict with ``name``, ``status`` ("ok", "error" or
     "skipped"; the writer turns "ok" into "suspect" when QC flags it), ``message``, ``seconds`` and, for registered
     cases, the :class:`scripts.registration.Registration` and the network-grid images for the writer.
     """
@@ -291,7 +306,6 @@ class RegistrationEvaluator(SupervisedEvaluator):
         inferer,
         fixed_preprocessing,
         output_dir: str,
-        overwrite: bool = False,
         val_handlers=None,
         **kwargs,
     ):
@@ -305,7 +319,6 @@ class RegistrationEvaluator(SupervisedEvaluator):
         )
         self.fixed_preprocessing = fixed_preprocessing
         self.output_dir = output_dir
-        self.overwrite = as_bool(overwrite, "overwrite")
         self._fixed_cache: dict[str, dict | str] = {}
 
     def fixed(self, path: str) -> dict:
@@ -320,16 +333,11 @@ class RegistrationEvaluator(SupervisedEvaluator):
             raise KeyMorphInputError(cached)
         return cached
 
-    def is_done(self, name: str, extra=()) -> bool:
-        return case_done(self.output_dir, name, extra)
-
     def _iteration(self, engine: Engine, batchdata):
         item = batchdata[0]
         start = time.perf_counter() - item.get("seconds", 0.0)  # include the reading and preprocessing
         base = {"name": item["name"], "seconds": 0.0, "message": ""}
-        if item.get("skipped") or (
-            "error" not in item and not self.overwrite and self.is_done(item["name"], item.get("extra", ()))
-        ):
+        if item.get("skipped"):
             return {**base, "status": "skipped", "message": "outputs exist (set --overwrite true to redo)"}
         if "error" in item:
             return {**base, "status": "error", "message": item["error"], "seconds": time.perf_counter() - start}
@@ -558,6 +566,8 @@ class RegistrationWriter:
         for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
             self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
         write_atomically(os.path.join(folder, "transform.tfm"), lambda p: write_itk_transform(p, matrix))
+        record = moving.get("provenance") or {}
+        write_atomically(os.path.join(folder, PROVENANCE_FILE), lambda p: write_provenance(p, record))
         write_atomically(
             os.path.join(folder, "affine_ras.txt"), lambda p: write_ras_matrix(p, torch.linalg.inv(matrix))
         )

@@ -37,6 +37,7 @@ OUTPUT_FILES = (
     "keypoints_moving.csv",
     "keypoints_fixed.csv",
     "qc.png",
+    "provenance.json",
 )
 
 
