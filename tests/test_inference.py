@@ -144,10 +144,13 @@ def write_checkpoint(path, seed: int = 0) -> str:
 # --- the runner -------------------------------------------------------------------------------------------------
 
 
-def run_bundle(*arguments: str, cwd: Path = ROOT, python_path=(), env=None) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root;
-    ``python_path`` folders go before the bundle root on PYTHONPATH, ``env`` adds environment variables."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml"]
+def run_bundle(
+    *arguments: str, cwd: Path = ROOT, python_path=(), env=None, config_file: str = "configs/inference.yaml"
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root
+    (or ``cwd``); ``python_path`` folders go before the bundle root on PYTHONPATH, ``env`` adds environment
+    variables."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config_file]
     path = os.pathsep.join([*map(str, python_path), str(ROOT)])
     env = {**os.environ, **(env or {}), "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
@@ -572,6 +575,26 @@ def test_a_config_error_through_the_runner_is_one_line_without_traceback(tmp_pat
         "keymorph: error: configs/inference.yaml: unknown setting --skul_strip; did you mean --skull_strip?"
     )
     assert not (tmp_path / "o").exists()  # nothing was done
+
+
+@pytest.mark.parametrize(
+    "output_dir, words",
+    [
+        ("['out']", ["--output_dir ['out']: not a path but a list"]),
+        ("123", ["--output_dir 123: read as a number, not a path", "write it as ./123"]),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_line_through_the_runner(tmp_path, output_dir, words):
+    process = run_bundle(
+        *inference_arguments(tmp_path / "in", output_dir, tmp_path / "fixed.nii.gz", tmp_path / "model.pt"),
+        cwd=tmp_path,  # where a wrong folder would be made
+        config_file=str(CONFIG),
+    )
+    assert process.returncode == 2 and not has_traceback(process), process.stderr[-3000:]
+    line = process.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in line, line
+    assert os.listdir(tmp_path) == []  # nothing was made
 
 
 def test_bundle_properties(settings):
