@@ -117,7 +117,7 @@ def case_done(output_dir: str, name: str, extra=()) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
 
@@ -140,13 +140,30 @@ def _unwrap(error: BaseException) -> BaseException:
 
 
 def _naming(error: BaseException, path: str) -> str:
-    """A one-line message for an exception while handling ``path``: starts with the file."""
+    """A one-line message for an exception while handling ``path``: starts with the file (a line break in its name
+    written as ``\\n``, so the reason after it is kept)."""
     error = _unwrap(error)
+    shown = printable(path)
+    reason = _one_line(str(error).replace(path, shown) if path else error)
     if isinstance(error, KeyMorphInputError):
-        text = _one_line(error)
-        return text if path in text else f"{path}: {text}"
-    reason = _one_line(error)
-    return f"{path}: {type(error).__name__}" + (f": {reason}" if reason else "")
+        return reason if shown in reason else f"{shown}: {reason}"
+    return f"{shown}: {type(error).__name__}" + (f": {reason}" if reason else "")
+
+
+def not_read_reason(file_name: str) -> str | None:
+    """Why an image file of the input folder is listed with a ``skipped`` row instead of being registered, or None
+    for the files registered (and for other files, which are not images)."""
+    lower = file_name.lower()
+    if is_nifti(lower) and file_name.startswith("."):
+        return "hidden file (its name starts with '.'), not registered; rename it to register it"
+    if lower.endswith((".mgz", ".mgh")):
+        return "FreeSurfer MGH/MGZ is not read (ITK tools cannot read it); convert it, e.g. `mri_convert IN.mgz OUT.nii.gz`"
+    if lower.endswith((".hdr", ".hdr.gz")):
+        return (
+            "Analyze / NIfTI-pair (.hdr/.img) is not read (Analyze headers carry no orientation); convert it to one"
+            " .nii.gz, e.g. `fslchfiletype NIFTI_GZ IN.hdr`"
+        )
+    return None
 
 
 class RegistrationDataset(Dataset):
@@ -190,6 +207,8 @@ class RegistrationDataset(Dataset):
         items = self._pairs(pairs_csv) if pairs_csv else self._folder(dataset_dir, fixed_image, apply_to)
         seen: dict[str, str] = {}
         for item in items:
+            if "not_read" in item:
+                continue
             try:
                 check_case_name(item["name"], item["image"])
             except KeyMorphInputError as error:
@@ -223,7 +242,14 @@ class RegistrationDataset(Dataset):
     def _folder(dataset_dir: str, fixed_image: str, apply_to: str | None) -> list[dict]:
         if not os.path.isdir(dataset_dir):
             raise KeyMorphInputError(f"{dataset_dir}: input folder not found")
-        names = sorted(n for n in os.listdir(dataset_dir) if is_nifti(n) and not n.startswith("."))
+        files = sorted(os.listdir(dataset_dir))
+        names = [n for n in files if is_nifti(n) and not_read_reason(n) is None]
+        not_read = [
+            {"name": n, "image": os.path.join(dataset_dir, n), "fixed": fixed_image, "extra": [], "not_read": reason}
+            for n in files
+            for reason in [not_read_reason(n)]
+            if reason
+        ]
         if apply_to:
             pattern = apply_to.replace("{name}", "*")
             names = [n for n in names if not fnmatch.fnmatch(n, pattern)]
@@ -237,8 +263,9 @@ class RegistrationDataset(Dataset):
                     item["notes"] = [f"--apply_to {apply_to!r} matched no file for this case"]
             items.append(item)
         if not items:
-            raise KeyMorphInputError(f"{dataset_dir}: no .nii or .nii.gz files to register")
-        return items
+            other = f" ({not_read[0]['name']}: {not_read[0]['not_read']})" if not_read else ""
+            raise KeyMorphInputError(f"{dataset_dir}: no .nii or .nii.gz files to register{other}")
+        return items + not_read
 
     @staticmethod
     def _pairs(pairs_csv: str) -> list[dict]:
@@ -272,6 +299,8 @@ class RegistrationDataset(Dataset):
         item = dict(self.data[index])
         if "error" in item:
             return {**item, "seconds": 0.0}
+        if "not_read" in item:
+            return {**item, "skipped": True, "seconds": 0.0}
         start = time.perf_counter()
         if self.provenance is not None:
             item["provenance"] = self.provenance.for_case(item)
@@ -338,7 +367,8 @@ class RegistrationEvaluator(SupervisedEvaluator):
         start = time.perf_counter() - item.get("seconds", 0.0)  # include the reading and preprocessing
         base = {"name": item["name"], "seconds": 0.0, "message": ""}
         if item.get("skipped"):
-            return {**base, "status": "skipped", "message": "outputs exist (set --overwrite true to redo)"}
+            message = item.get("not_read", "outputs exist (set --overwrite true to redo)")
+            return {**base, "status": "skipped", "message": message}
         if "error" in item:
             return {**base, "status": "error", "message": item["error"], "seconds": time.perf_counter() - start}
         try:

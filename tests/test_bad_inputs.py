@@ -41,6 +41,7 @@ from test_inference import (
 
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import load_volume
+from scripts.output_folder import printable
 from scripts.qc import brain_fill, neighbour_correlation, qc_flags
 from scripts.transform_io import read_itk_transform
 
@@ -215,6 +216,14 @@ def _heavy_noise(folder, path):
     write_nifti(path, data, GOOD_AFFINE)
 
 
+def _freesurfer(folder, path):
+    nib.save(nib.MGHImage(good_data(), GOOD_AFFINE), path)
+
+
+def _analyze_pair(folder, path):
+    nib.save(nib.Nifti1Pair(good_data(), GOOD_AFFINE), path)  # path.hdr and path.img
+
+
 def _pure_noise(signed: bool):
     def build(folder, path):
         noise = np.random.default_rng(4).normal(0, 1, (40, 40, 40)).astype(np.float32)
@@ -252,7 +261,17 @@ CASES = {
     "qform_shifted_5mm.nii.gz": (_header_forms(1, 2, (5.0, 0.0, 0.0)), "error", ["5 mm apart"]),
     "qform_shifted_half_mm.nii.gz": (_header_forms(1, 2, (0.0, 0.5, 0.0)), "error", ["0.5 mm apart"]),
     "no_orientation.nii.gz": (_header_forms(0, 0), "error", ["sets no orientation", "both 0"]),
+    # names that cannot be a case folder of the output folder
+    "summary.csv.nii.gz": (_good, "error", ["case name 'summary.csv'", "file of the run"]),
+    "new\nline.nii.gz": (_good, "error", ["case name", "line break"]),
+    "back\\slash.nii.gz": (_good, "error", ["case name", "path separator"]),
+    # files listed, not registered
+    ".hidden.nii.gz": (_good, "skipped", ["hidden file", "rename it"]),
+    "._apple_double.nii.gz": (_not_nifti, "skipped", ["hidden file"]),
+    "freesurfer.mgz": (_freesurfer, "skipped", ["MGH/MGZ", "mri_convert"]),
+    "analyze_pair.hdr": (_analyze_pair, "skipped", ["Analyze", ".nii.gz"]),
     # good images in odd clothes: must work
+    "n" * 243 + ".nii.gz": (_good, "registered", []),  # 250 characters: the longest names still fit
     "good.nii.gz": (_good, "registered", []),
     "with space.nii.gz": (_good, "registered", []),
     "non_ascii_é_脑.nii.gz": (_good, "registered", []),
@@ -276,8 +295,11 @@ CASES = {
 }
 
 
-def case_name(file_name: str) -> str:
-    return file_name[: -len(".nii.gz")] if file_name.endswith(".nii.gz") else file_name[: -len(".nii")]
+def row_name(file_name: str) -> str:
+    """The summary row of a case: its case name (line breaks written as \\n), the file name for files not read."""
+    if CASES[file_name][1] == "skipped":
+        return file_name
+    return printable(file_name[: -len(".nii.gz")] if file_name.endswith(".nii.gz") else file_name[: -len(".nii")])
 
 
 @pytest.fixture(scope="module")
@@ -308,17 +330,19 @@ def test_the_run_fails_with_a_count_and_no_traceback(bad_folder_run):
 def test_each_input_gets_its_status_and_message(bad_folder_run, file_name):
     _, output, folder = bad_folder_run
     _, expected, words = CASES[file_name]
-    row = read_summary(output)[case_name(file_name)]
+    row = read_summary(output)[row_name(file_name)]
     message = row["message"]
     assert "\n" not in message
     if expected == "error":
         assert row["status"] == "error", row
-        assert file_name in message, message
-        assert not os.path.exists(output / case_name(file_name))
+        assert printable(file_name) in message, message
+        assert not os.path.isdir(output / file_name.split(".nii")[0])  # no case folder (summary.csv is a file)
+    elif expected == "skipped":
+        assert row["status"] == "skipped", row
     elif expected == "registered":
         assert row["status"] in ("ok", "suspect"), row
         for name in OUTPUT_FILES:
-            assert (output / case_name(file_name) / name).is_file()
+            assert (output / row_name(file_name) / name).is_file()
         if row["status"] == "suspect":
             assert "QC flagged" in message
     else:
