@@ -19,9 +19,13 @@ Failures and reruns:
   which then replaces ``OUT_DIR/NAME`` as a whole (rename), so ``OUT_DIR/NAME`` is either absent, the complete old
   result or the complete new one, never a mix, even after a crash or kill (leftover hidden folders are removed by
   the next run). Overwriting replaces the whole case folder, files added to it by hand included.
-* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``). Done cases are
-  skipped without being read or preprocessed, and keep their earlier summary row, unless ``overwrite`` is set.
-  Failed cases have no folder, so a rerun retries them.
+* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``) and its
+  ``provenance.json`` (:mod:`scripts.provenance`) matches what the run would record now (fixed, moving, mask and
+  accompanying files, weights, result-changing settings). Done cases are skipped without being preprocessed, and
+  keep their earlier summary row, unless ``overwrite`` is set; cases recorded otherwise are redone, their row
+  saying what changed. Failed cases have no folder, so a rerun retries them.
+* Hidden NIfTI files, MGH/MGZ and Analyze/NIfTI-pair files of the input folder are not read; each gets a
+  ``skipped`` row saying why (:func:`not_read_reason`).
 """
 
 from __future__ import annotations
