@@ -326,9 +326,10 @@ class RegistrationEvaluator(SupervisedEvaluator):
     """Registers each moving image of the dataset to its fixed image; one iteration per case.
 
     The fixed images are preprocessed once with ``fixed_preprocessing`` and kept (a fixed image that fails is an
-    error for each of its cases). Which cases are skipped is the dataset's decision (items marked ``skipped``). The iteration output is a dict with ``name``, ``status`` ("ok", "error" or
-    "skipped"; the writer turns "ok" into "suspect" when QC flags it), ``message``, ``seconds`` and, for registered
-    cases, the :class:`scripts.registration.Registration` and the network-grid images for the writer.
+    error for each of its cases). Which cases are skipped is the dataset's decision (items marked ``skipped``). The
+    iteration output is a dict with ``name``, ``status`` ("ok", "error" or "skipped"; the writer turns "ok" into
+    "suspect" when QC flags it), ``message``, ``seconds`` and, for registered cases, the
+    :class:`scripts.registration.Registration` and the network-grid images for the writer.
     """
 
     def __init__(

@@ -90,7 +90,7 @@ def write_provenance(path: str, record: dict) -> None:
 def what_changed(recorded: dict | None, expected: dict) -> str | None:
     """What differs between a case's record and the run now, as words for the summary (None: nothing)."""
     if recorded is None:
-        return "the earlier result has no provenance record"
+        return f"the earlier {PROVENANCE_FILE} cannot be read"
     changes = [words for key, words in COMPARED.items() if recorded.get(key) != expected.get(key)]
     settings = recorded.get("settings") if isinstance(recorded.get("settings"), dict) else {}
     changed = sorted(k for k in {*settings, *expected["settings"]} if settings.get(k) != expected["settings"].get(k))
