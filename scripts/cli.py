@@ -342,6 +342,19 @@ def _writable_folder_problem(output_dir: str) -> str | None:
     return None
 
 
+def _path_problem(name: str, value) -> str | None:
+    """The one-line problem with a file or folder setting that is not text: the runner (python-fire) turns
+    ``--output_dir 123`` into a number and ``--output_dir "['out']"`` into a list."""
+    if isinstance(value, (str, os.PathLike)):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (
+            f"--{name} {value!r}: read as a number, not a path (the command line turns all-digit names into"
+            f" numbers); write it as ./{value}"
+        )
+    return f"--{name} {value!r}: not a path but a {type(value).__name__}; give one file or folder name"
+
+
 def _number_problem(name: str, value, minimum: float | None = None, integer: bool = False) -> str | None:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
@@ -400,6 +413,13 @@ def check_inference_settings(
     problem = unknown_setting(argv)
     if problem:
         fail(problem)
+    paths = {"dataset_dir": dataset_dir, "output_dir": output_dir, "fixed_image": fixed_image, "ckpt_path": ckpt_path}
+    optional_paths = {"pairs_csv": pairs_csv, "mask_dir": mask_dir, "apply_to": apply_to, "bundle_root": bundle_root}
+    paths.update({name: value for name, value in optional_paths.items() if optional(value) is not None})
+    for name, value in paths.items():
+        problem = _path_problem(name, value)
+        if problem:
+            fail(problem)
     for name, value in (("skull_strip", skull_strip), ("fixed_skull_strip", fixed_skull_strip)):
         if value not in BACKENDS:
             fail(f"--{name} {value!r}: not one of {', '.join(BACKENDS)}")

@@ -11,7 +11,10 @@ What is refused (:class:`KeyMorphInputError`) and what is accepted:
   corrupt or truncated gzip, truncated data, not NIfTI-1/2: refused. Symbolic links, spaces and non-ASCII
   characters in the path: accepted.
 * the header: a singular or non-finite voxel-to-world matrix, sheared (non-orthogonal) axes, spatial units other
-  than mm (``unknown`` counts as mm), an invalid units code: refused. Any orientation, any voxel size and any
+  than mm (``unknown`` counts as mm), an invalid units code: refused. A header that nibabel and ITK (SimpleITK,
+  ANTs, 3D Slicer) read differently, e.g. a qform that mirrors the sform (:func:`check_readers_agree`), and one
+  setting no orientation at all (qform and sform codes both 0): refused, since ``transform.tfm`` must mean in ITK
+  what ``registered.nii.gz`` shows. Any orientation, any voxel size and any
   anisotropy (e.g. 1 x 1 x 10 mm): accepted, as long as the field of view can hold a brain (>= ``MIN_EXTENT_MM``
   along every axis, >= ``MIN_VOXELS`` voxels per axis).
 * the voxels: non-scalar types (RGB, complex), 2-D, 4-D with several volumes (the message says how to extract one),
@@ -23,18 +26,23 @@ What is refused (:class:`KeyMorphInputError`) and what is accepted:
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.coordinates import RAS_LPS_FLIP
 from scripts.errors import KeyMorphInputError
 from scripts.transform_io import write_atomically
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A brain is > 100 mm across; a field of view smaller than this along any axis cannot hold one.
@@ -43,6 +51,10 @@ MIN_EXTENT_MM = 40.0
 MIN_VOXELS = 4
 # Direction cosines whose dot products exceed this (about 0.06 degrees off square) are a sheared header.
 MAX_SHEAR = 1e-3
+# nibabel and ITK readings of one header whose field-of-view corners lie further apart than this fraction of the
+# smallest voxel describe two different images (a mirrored or shifted qform). Both forms are stored as float32
+# (about 1e-4 mm apart when they agree); a tenth of a voxel leaves room for a near-orthogonal sform ITK tidies up.
+MAX_READER_DISAGREEMENT_VOXELS = 0.1
 SPATIAL_UNIT_SCALE = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -116,6 +128,56 @@ def _check_affine(path: str, image: nib.Nifti1Image) -> np.ndarray:
     return affine
 
 
+def itk_voxel_to_ras(path: str) -> np.ndarray | None:
+    """The voxel-to-world matrix ``(4, 4)`` (RAS mm) ITK reads from the file's header, or None when ITK cannot read
+    it (then no ITK tool can use the file either, and nibabel's reading stands alone)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        logger.debug("SimpleITK cannot read the header of %s: %s", path, error)
+        return None
+    dimension = reader.GetDimension()
+    if dimension < 3:
+        return None
+    direction = np.array(reader.GetDirection(), dtype=np.float64).reshape(dimension, dimension)[:3, :3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.array(reader.GetSpacing()[:3], dtype=np.float64)
+    lps[:3, 3] = reader.GetOrigin()[:3]
+    return RAS_LPS_FLIP.numpy() @ lps  # world axes only: voxel indices are the same in both
+
+
+def _axis_codes(affine: np.ndarray) -> str:
+    return "".join(nib.aff2axcodes(affine))
+
+
+def check_readers_agree(path: str, image: nib.Nifti1Image, affine: np.ndarray, shape) -> None:
+    """Refuse a header that sets no orientation, or that ITK reads differently from nibabel (see the module
+    docstring); ``affine`` is nibabel's reading, ``shape`` the volume's ``(D, H, W)``."""
+    itk = itk_voxel_to_ras(path)
+    codes = int(image.header["qform_code"]), int(image.header["sform_code"])
+    if codes == (0, 0):
+        seen = f" (nibabel reads {_axis_codes(affine)}, ITK {_axis_codes(itk)})" if itk is not None else ""
+        raise KeyMorphInputError(
+            f"{path}: the header sets no orientation (qform_code and sform_code are both 0), so every reader guesses"
+            f"{seen}; set the sform or qform to where the image lies"
+        )
+    if itk is None:
+        return
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    distance = float(np.linalg.norm((affine - itk)[:3] @ corners, axis=0).max())
+    smallest_voxel = float(np.linalg.norm(affine[:3, :3], axis=0).min())
+    if not distance <= MAX_READER_DISAGREEMENT_VOXELS * smallest_voxel:
+        used = "sform" if codes[1] > 0 else "qform"
+        raise KeyMorphInputError(
+            f"{path}: nibabel ({used}: {_axis_codes(affine)}) and ITK ({_axis_codes(itk)}) read the header's"
+            f" position differently (up to {distance:.3g} mm apart): its qform and sform disagree; make them one,"
+            " e.g. `fslorient -copysform2qform` or nibabel `image.set_qform(image.get_sform())`"
+        )
+
+
 def _check_data(
     path: str, data: np.ndarray, affine: np.ndarray, require_contrast: bool = True
 ) -> tuple[np.ndarray, float]:
@@ -173,6 +235,7 @@ def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
     image = _read(path)
     affine = _check_affine(path, image)
     data, nonfinite = _check_data(path, np.asarray(image._keymorph_data), affine, require_contrast)
+    check_readers_agree(path, image, affine, data.shape)
     meta = {
         "filename_or_obj": path,
         "original_affine": affine,

@@ -16,13 +16,21 @@ Failures and reruns:
 * A bad input never stops the folder: it gets status ``error`` and a one-line message naming the file, and the
   next input is registered. Registered cases get ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc`
   flags them.
+* Case names name folders of OUT_DIR, so they are checked (:mod:`scripts.output_folder`): one path component, not
+  hidden, not a file of the run such as ``summary.csv``; an invalid name is an ``error`` row naming the input, and
+  every path the writer creates goes through one guard that keeps it inside OUT_DIR. One run at a time writes to a
+  folder (``OUT_DIR/.keymorph.lock``); a second one is refused with one line naming the PID of the first.
 * Outputs are atomic per case: the files are written into a hidden staging folder ``OUT_DIR/.keymorph-tmp-*``,
   which then replaces ``OUT_DIR/NAME`` as a whole (rename), so ``OUT_DIR/NAME`` is either absent, the complete old
   result or the complete new one, never a mix, even after a crash or kill (leftover hidden folders are removed by
   the next run). Overwriting replaces the whole case folder, files added to it by hand included.
-* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``). Done cases are
-  skipped without being read or preprocessed, and keep their earlier summary row, unless ``overwrite`` is set.
-  Failed cases have no folder, so a rerun retries them.
+* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``) and its
+  ``provenance.json`` (:mod:`scripts.provenance`) matches what the run would record now (fixed, moving, mask and
+  accompanying files, weights, result-changing settings). Done cases are skipped without being preprocessed, and
+  keep their earlier summary row, unless ``overwrite`` is set; cases recorded otherwise are redone, their row
+  saying what changed. Failed cases have no folder, so a rerun retries them.
+* Hidden NIfTI files, MGH/MGZ and Analyze/NIfTI-pair files of the input folder are not read; each gets a
+  ``skipped`` row saying why (:func:`not_read_reason`).
 """
 
 from __future__ import annotations
@@ -41,11 +49,23 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
+from monai.transforms import apply_transform
 
 from scripts.cli import as_bool, optional
 from scripts.coordinates import resample_onto
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import header_moved, is_label_map, is_nifti, load_volume, save_volume
+from scripts.output_folder import (
+    INDEX_FILE,
+    STAGING_PREFIX,
+    SUMMARY_FILE,
+    RunLock,
+    check_case_name,
+    inside,
+    printable,
+    staging_name,
+)
+from scripts.provenance import PROVENANCE_FILE, read_provenance, what_changed, write_provenance
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.qc_report import edges_figure, write_index
 from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
@@ -65,6 +85,7 @@ OUTPUT_FILES = (
     "keypoints_fixed.csv",
     "qc.png",
     "qc_keypoints.png",
+    PROVENANCE_FILE,
 )
 # with header_only: the moving image, voxels untouched, its header moved into the fixed space
 HEADER_ONLY_FILE = "registered_header_only.nii.gz"
@@ -79,8 +100,6 @@ SUMMARY_COLUMNS = [
     "smoothness",
 ]
 STATUSES = ("ok", "suspect", "error", "skipped")
-# Hidden staging and swap folders in OUT_DIR: ".keymorph-tmp-PID-NAME", ".keymorph-old-PID-NAME".
-_STAGING_PREFIX = ".keymorph-"
 
 
 def case_name(path: str) -> str:
@@ -92,19 +111,32 @@ def case_name(path: str) -> str:
     return name
 
 
-def extra_output_name(path: str) -> str:
-    """File name of an accompanying image once registered: ``registered_`` + its own file name."""
-    return f"registered_{os.path.basename(path)}"
+def extra_output_names(paths) -> list[str]:
+    """File names of a case's accompanying images once registered, in order: ``registered_`` + the image's file
+    name or, for images sharing a file name (``labels/a_seg.nii.gz``, ``lesions/a_seg.nii.gz``), + as many of its
+    parent folders as tell them apart (``registered_labels_a_seg.nii.gz``); raises :class:`KeyMorphInputError` when
+    two names still clash (one would overwrite the other)."""
+    split = [os.path.normpath(p).split(os.sep) for p in paths]
+    names = []
+    for parts in split:
+        depth = 1
+        while depth < len(parts) and any(o != parts and o[-depth:] == parts[-depth:] for o in split):
+            depth += 1
+        names.append("registered_" + "_".join(parts[-depth:]))
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise KeyMorphInputError(f"accompanying images would overwrite each other as {', '.join(clashes)}")
+    return names
 
 
 def case_done(output_dir: str, name: str, extra=()) -> bool:
     """Whether ``output_dir/name`` holds every output of a case with these accompanying images."""
     folder = os.path.join(output_dir, name)
-    expected = [*OUTPUT_FILES, *[extra_output_name(p) for p in extra]]
+    expected = [*OUTPUT_FILES, *extra_output_names(extra)]
     return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
 
@@ -127,13 +159,30 @@ def _unwrap(error: BaseException) -> BaseException:
 
 
 def _naming(error: BaseException, path: str) -> str:
-    """A one-line message for an exception while handling ``path``: starts with the file."""
+    """A one-line message for an exception while handling ``path``: starts with the file (a line break in its name
+    written as ``\\n``, so the reason after it is kept)."""
     error = _unwrap(error)
+    shown = printable(path)
+    reason = _one_line(str(error).replace(path, shown) if path else error)
     if isinstance(error, KeyMorphInputError):
-        text = _one_line(error)
-        return text if path in text else f"{path}: {text}"
-    reason = _one_line(error)
-    return f"{path}: {type(error).__name__}" + (f": {reason}" if reason else "")
+        return reason if shown in reason else f"{shown}: {reason}"
+    return f"{shown}: {type(error).__name__}" + (f": {reason}" if reason else "")
+
+
+def not_read_reason(file_name: str) -> str | None:
+    """Why an image file of the input folder is listed with a ``skipped`` row instead of being registered, or None
+    for the files registered (and for other files, which are not images)."""
+    lower = file_name.lower()
+    if is_nifti(lower) and file_name.startswith("."):
+        return "hidden file (its name starts with '.'), not registered; rename it to register it"
+    if lower.endswith((".mgz", ".mgh")):
+        return "FreeSurfer MGH/MGZ is not read (ITK tools cannot read it); convert it, e.g. `mri_convert IN.mgz OUT.nii.gz`"
+    if lower.endswith((".hdr", ".hdr.gz")):
+        return (
+            "Analyze / NIfTI-pair (.hdr/.img) is not read (Analyze headers carry no orientation); convert it to one"
+            " .nii.gz, e.g. `fslchfiletype NIFTI_GZ IN.hdr`"
+        )
+    return None
 
 
 class RegistrationDataset(Dataset):
@@ -153,8 +202,11 @@ class RegistrationDataset(Dataset):
     ``.nii``), given to the preprocessing as ``mask_path``.
 
     With ``output_dir`` given and ``overwrite`` false, cases already done there (:func:`case_done`) come back as
-    ``{..., "skipped": True}`` without being read. Items whose preprocessing fails come back as ``{..., "error":
-    message}`` so one bad file never stops the folder.
+    ``{..., "skipped": True}`` without being read, unless ``provenance`` (a
+    :class:`scripts.provenance.RunProvenance`) shows that they were made from other files, settings or weights:
+    those are redone, with a note saying what changed. Items carry the record the writer stores
+    (``"provenance"``). Items whose preprocessing fails come back as ``{..., "error": message}`` so one bad file
+    never stops the folder.
     """
 
     def __init__(
@@ -167,13 +219,27 @@ class RegistrationDataset(Dataset):
         mask_dir: str | None = None,
         output_dir: str | None = None,
         overwrite: bool = False,
+        provenance=None,
     ):
         pairs_csv, apply_to, mask_dir = optional(pairs_csv), optional(apply_to), optional(mask_dir)
+        self.provenance = provenance
         items = self._pairs(pairs_csv) if pairs_csv else self._folder(dataset_dir, fixed_image, apply_to)
         seen: dict[str, str] = {}
         for item in items:
+            if "not_read" in item:
+                continue
+            try:
+                check_case_name(item["name"], item["image"])
+            except KeyMorphInputError as error:
+                item["error"], item["name"] = str(error), printable(str(item["name"]))
+                continue
             if mask_dir:
                 item["mask_path"] = self._mask_path(mask_dir, item["name"])
+            item["extra"] = list(dict.fromkeys(os.path.normpath(p) for p in item["extra"]))
+            try:
+                extra_output_names(item["extra"])
+            except KeyMorphInputError as error:
+                item["error"] = f"{item['image']}: {error}"
             if item["name"] in seen:
                 item["error"] = (
                     f"{item['image']}: case name {item['name']!r} is already used by {seen[item['name']]};"
@@ -195,18 +261,30 @@ class RegistrationDataset(Dataset):
     def _folder(dataset_dir: str, fixed_image: str, apply_to: str | None) -> list[dict]:
         if not os.path.isdir(dataset_dir):
             raise KeyMorphInputError(f"{dataset_dir}: input folder not found")
-        names = sorted(n for n in os.listdir(dataset_dir) if is_nifti(n) and not n.startswith("."))
+        files = sorted(os.listdir(dataset_dir))
+        names = [n for n in files if is_nifti(n) and not_read_reason(n) is None]
+        not_read = [
+            {"name": n, "image": os.path.join(dataset_dir, n), "fixed": fixed_image, "extra": [], "not_read": reason}
+            for n in files
+            for reason in [not_read_reason(n)]
+            if reason
+        ]
         if apply_to:
             pattern = apply_to.replace("{name}", "*")
             names = [n for n in names if not fnmatch.fnmatch(n, pattern)]
         items = []
         for name in names:
             stem = case_name(name)
-            extra = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem)))) if apply_to else []
-            items.append({"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": extra})
+            item = {"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": []}
+            if apply_to:
+                item["extra"] = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem))))
+                if not item["extra"]:
+                    item["notes"] = [f"--apply_to {apply_to!r} matched no file for this case"]
+            items.append(item)
         if not items:
-            raise KeyMorphInputError(f"{dataset_dir}: no .nii or .nii.gz files to register")
-        return items
+            other = f" ({not_read[0]['name']}: {not_read[0]['not_read']})" if not_read else ""
+            raise KeyMorphInputError(f"{dataset_dir}: no .nii or .nii.gz files to register{other}")
+        return items + not_read
 
     @staticmethod
     def _pairs(pairs_csv: str) -> list[dict]:
@@ -237,14 +315,23 @@ class RegistrationDataset(Dataset):
         return items
 
     def _transform(self, index: int):
-        item = self.data[index]
+        item = dict(self.data[index])
         if "error" in item:
             return {**item, "seconds": 0.0}
-        if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
+        if "not_read" in item:
             return {**item, "skipped": True, "seconds": 0.0}
         start = time.perf_counter()
+        if self.provenance is not None:
+            item["provenance"] = self.provenance.for_case(item)
+        if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
+            change = None
+            if self.provenance is not None:
+                change = what_changed(read_provenance(os.path.join(self.output_dir, item["name"])), item["provenance"])
+            if change is None:
+                return {**item, "skipped": True, "seconds": 0.0}
+            item["notes"] = [*item.get("notes", []), f"redone: {change}"]
         try:
-            result = super()._transform(index)
+            result = apply_transform(self.transform, item) if self.transform is not None else item
         except Exception as error:  # KeyMorphInputError, or a library failing on a file we did not foresee
             result = {**item, "error": _naming(error, item["image"])}
         return {**result, "seconds": time.perf_counter() - start}
@@ -254,9 +341,10 @@ class RegistrationEvaluator(SupervisedEvaluator):
     """Registers each moving image of the dataset to its fixed image; one iteration per case.
 
     The fixed images are preprocessed once with ``fixed_preprocessing`` and kept (a fixed image that fails is an
-    error for each of its cases). The iteration output is a dict with ``name``, ``status`` ("ok", "error" or
-    "skipped"; the writer turns "ok" into "suspect" when QC flags it), ``message``, ``seconds`` and, for registered
-    cases, the :class:`scripts.registration.Registration` and the network-grid images for the writer.
+    error for each of its cases). Which cases are skipped is the dataset's decision (items marked ``skipped``). The
+    iteration output is a dict with ``name``, ``status`` ("ok", "error" or "skipped"; the writer turns "ok" into
+    "suspect" when QC flags it), ``message``, ``seconds`` and, for registered cases, the
+    :class:`scripts.registration.Registration` and the network-grid images for the writer.
     """
 
     def __init__(
@@ -267,7 +355,6 @@ class RegistrationEvaluator(SupervisedEvaluator):
         inferer,
         fixed_preprocessing,
         output_dir: str,
-        overwrite: bool = False,
         val_handlers=None,
         **kwargs,
     ):
@@ -281,7 +368,6 @@ class RegistrationEvaluator(SupervisedEvaluator):
         )
         self.fixed_preprocessing = fixed_preprocessing
         self.output_dir = output_dir
-        self.overwrite = as_bool(overwrite, "overwrite")
         self._fixed_cache: dict[str, dict | str] = {}
 
     def fixed(self, path: str) -> dict:
@@ -296,17 +382,13 @@ class RegistrationEvaluator(SupervisedEvaluator):
             raise KeyMorphInputError(cached)
         return cached
 
-    def is_done(self, name: str, extra=()) -> bool:
-        return case_done(self.output_dir, name, extra)
-
     def _iteration(self, engine: Engine, batchdata):
         item = batchdata[0]
         start = time.perf_counter() - item.get("seconds", 0.0)  # include the reading and preprocessing
         base = {"name": item["name"], "seconds": 0.0, "message": ""}
-        if item.get("skipped") or (
-            "error" not in item and not self.overwrite and self.is_done(item["name"], item.get("extra", ()))
-        ):
-            return {**base, "status": "skipped", "message": "outputs exist (set --overwrite true to redo)"}
+        if item.get("skipped"):
+            message = item.get("not_read", "outputs exist (set --overwrite true to redo)")
+            return {**base, "status": "skipped", "message": message}
         if "error" in item:
             return {**base, "status": "error", "message": item["error"], "seconds": time.perf_counter() - start}
         try:
@@ -327,11 +409,11 @@ class RegistrationEvaluator(SupervisedEvaluator):
 
 
 def _remove_leftovers(output_dir: str) -> None:
-    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-NAME`` and
+    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-HASH`` and
     temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
     kept)."""
     for name in os.listdir(output_dir):
-        if name.startswith(_STAGING_PREFIX):
+        if name.startswith(STAGING_PREFIX):
             field = 2
         elif name.startswith(".tmp-"):
             field = 1
@@ -368,13 +450,46 @@ def replace_folder(staging: str, final: str) -> None:
     """
     parent, name = os.path.split(final)
     if os.path.lexists(final):
-        old = os.path.join(parent, f"{_STAGING_PREFIX}old-{os.getpid()}-{name}")
+        old = inside(parent, staging_name("old", name))
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, final)
+
+
+def read_summary_rows(path: str) -> dict[str, dict]:
+    """The rows of an earlier ``summary.csv`` by case name, also after a spreadsheet saved it: UTF-8 with or
+    without a byte-order mark, else Windows-1252 (with a warning; the file is rewritten as UTF-8), comma,
+    semicolon or tab separated. Raises :class:`KeyMorphInputError` when it cannot be read at all (rather than
+    overwriting it)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise KeyMorphInputError(f"{path}: cannot read the earlier summary ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+        logger.warning(f"{path}: not UTF-8 (saved by a spreadsheet?); read as Windows-1252, rewritten as UTF-8")
+    try:
+        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(text.splitlines(), delimiter=dialect.delimiter))
+    if rows and "name" not in rows[0]:
+        logger.warning(f"{path}: no 'name' column; its rows are not kept")
+    return {row["name"]: row for row in rows if row.get("name")}
+
+
+def _seconds(value) -> str:
+    """A duration for the summary, two decimals; also from a spreadsheet's ``1,5`` (empty when unreadable)."""
+    try:
+        return f"{float(str(value or 0).replace(',', '.')):.2f}"
+    except ValueError:
+        return ""
 
 
 class RegistrationWriter:
@@ -409,27 +524,36 @@ class RegistrationWriter:
         }
         self.rows: dict[str, dict] = {}
         self.counts: dict[str, int] = {}
+        self.lock = RunLock(output_dir)
+        self.summary_problem: str | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load_summary)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self._report)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
 
     @property
     def summary_path(self) -> str:
-        return os.path.join(self.output_dir, "summary.csv")
+        return os.path.join(self.output_dir, SUMMARY_FILE)
+
+    def _release_and_raise(self, engine: Engine, error: BaseException) -> None:
+        self.lock.release()
+        raise error
 
     @property
     def index_path(self) -> str:
-        return os.path.join(self.output_dir, "index.html")
+        return os.path.join(self.output_dir, INDEX_FILE)
 
     def _load_summary(self, engine: Engine) -> None:
+        """Take the output folder (:class:`scripts.output_folder.RunLock`), clean what a killed run left and read
+        the earlier summary rows."""
         os.makedirs(self.output_dir, exist_ok=True)
+        self.lock.acquire()
         _remove_leftovers(self.output_dir)
         self.counts = {}
         if os.path.exists(self.summary_path):
-            with open(self.summary_path, newline="") as handle:
-                self.rows = {row["name"]: row for row in csv.DictReader(handle) if row.get("name")}
+            self.rows = read_summary_rows(self.summary_path)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -444,21 +568,32 @@ class RegistrationWriter:
                 logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
                 row.update(status="error", message=_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]
-        row["seconds"] = f"{float(row.get('seconds') or 0):.2f}"
+        row["seconds"] = _seconds(row.get("seconds"))
         self.rows[output["name"]] = row
         status = "skipped" if output["status"] == "skipped" else row["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
         if status == "error":
             logger.error(row["message"])
-        elif status == "suspect":
+        elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
             logger.warning(f"{output['name']}: {row['message']}")
-        self._write_summary()
+        self._try_write_summary()
+
+    def _try_write_summary(self) -> None:
+        """Write the summary; when the folder stops taking files (read-only, full), keep the rows in memory, warn
+        once, and let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
+        try:
+            self._write_summary()
+            self.summary_problem = None
+        except OSError as error:
+            if self.summary_problem is None:
+                logger.warning(f"{self.summary_path}: cannot write ({error.strerror or error}); trying on")
+            self.summary_problem = error.strerror or str(error)
 
     def _write_case(self, output: dict) -> dict:
         """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
         name = output["name"]
-        final = os.path.join(self.output_dir, name)
-        staging = os.path.join(self.output_dir, f"{_STAGING_PREFIX}tmp-{os.getpid()}-{name}")
+        final = inside(self.output_dir, name)
+        staging = inside(self.output_dir, staging_name("tmp", name))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
@@ -485,14 +620,16 @@ class RegistrationWriter:
             matrix,
         )[0]
         save_volume(os.path.join(folder, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
-        for extra in moving.get("extra", []):
-            self._write_extra(extra, folder, fixed_file, fixed_affine, matrix)
+        for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
+            self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
         moving_file = nib.load(source)
         write_transform_files(folder, matrix, fixed_file, moving_file)
         self._write_moving_mask(moving["native_mask"], moving_file, folder)
         if self.header_only:
             moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
             write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
+        record = moving.get("provenance") or {}
+        write_atomically(os.path.join(folder, PROVENANCE_FILE), lambda p: write_provenance(p, record))
         for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
             path = os.path.join(folder, f"keypoints_{role}.csv")
             write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
@@ -502,6 +639,7 @@ class RegistrationWriter:
         write_atomically(os.path.join(folder, "qc_keypoints.png"), lambda p: qc_figure(p, registration, fixed, moving))
         reasons = qc_flags(scores, self.thresholds)
         notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
+        notes += moving.get("notes", [])
         nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
         if nonfinite > 0:
             notes.append(f"{100 * nonfinite:.2g}% of the voxels were NaN or infinite (set to 0)")
@@ -529,21 +667,28 @@ class RegistrationWriter:
         save_volume(os.path.join(folder, MASK_FILE), (native > 0.5).numpy(), moving_file, np.uint8)
 
     @staticmethod
-    def _write_extra(path: str, folder: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
-        """Apply the transform to an accompanying image; integer images are label maps (nearest neighbour, dtype
-        kept), others are resampled trilinearly to float32."""
+    def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
+        (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
         volume = load_volume(path, require_contrast=False)
-        label = is_label_map(path)
-        warped = resample_onto(
-            volume.as_tensor(),
-            torch.as_tensor(volume.affine, dtype=torch.float64),
-            fixed_affine,
-            fixed_file.shape[:3],
-            matrix,
-            mode="nearest" if label else "bilinear",
-        )[0]
-        dtype = nib.load(path).get_data_dtype() if label else np.float32
-        save_volume(os.path.join(folder, extra_output_name(path)), warped.numpy(), fixed_file, dtype)
+        moving_affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+        if not is_label_map(path):
+            warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]
+            save_volume(target, warped.numpy(), fixed_file, np.float32)
+            return
+        # Label values need not fit float32 (2**24 + 1 does not), which the resampling computes in: it moves the
+        # 1-based rank of each voxel's value among the image's values instead (0: outside the moving image).
+        labels = np.asanyarray(nib.load(path).dataobj).reshape(volume.shape[1:])
+        values, ranks = np.unique(labels, return_inverse=True)
+        if len(values) >= 2**24:
+            raise KeyMorphInputError(f"{path}: more than 2**24 distinct label values")
+        ranks = torch.from_numpy((ranks.reshape(labels.shape) + 1).astype(np.float32))[None]
+        del volume
+        warped = resample_onto(ranks, moving_affine, fixed_affine, fixed_file.shape[:3], matrix, mode="nearest")[0]
+        warped = warped.numpy().astype(np.int64)
+        dtype = nib.load(path).get_data_dtype()
+        out = np.where(warped > 0, values[np.maximum(warped - 1, 0)], 0).astype(dtype)
+        save_volume(target, out, fixed_file, dtype)
 
     def _write_summary(self) -> None:
         def write(path: str) -> None:
@@ -556,8 +701,18 @@ class RegistrationWriter:
         write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
 
     def _report(self, engine: Engine) -> None:
-        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them)."""
+        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
+        let go of the output folder. Raises :class:`KeyMorphInputError` when the summary could not be written (the
+        output folder stopped taking files during the run)."""
+        if self.summary_problem is not None:
+            self._try_write_summary()
+        self.lock.release()
         engine.state.registration_counts = dict(self.counts)
         total = sum(self.counts.values())
         parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
+        if self.summary_problem is not None:
+            raise KeyMorphInputError(
+                f"{self.summary_path}: cannot write the summary ({self.summary_problem}): the output folder stopped"
+                f" taking files during the run; {total} input(s) this run: {parts or 'none'}"
+            )
         logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")

@@ -50,7 +50,7 @@ QC_THRESHOLDS = {"min_similarity": 0.01, "max_residual_mm": 8.0, "max_brain_fill
 def brain_fill(mask: torch.Tensor) -> float:
     """Fraction of the voxels of a mask ``(1, D, H, W)`` (or ``(D, H, W)``) that are brain (> 0.5)."""
     mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
-    return float((mask > 0.5).float().mean())
+    return int(torch.count_nonzero(mask > 0.5)) / max(mask.numel(), 1)  # no float copy of a 512^3 mask
 
 
 def neighbour_correlation(image: torch.Tensor, mask: torch.Tensor, max_pairs: int = 300_000) -> float:

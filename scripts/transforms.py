@@ -191,8 +191,10 @@ def _anti_alias(image: torch.Tensor, affine: torch.Tensor, target_spacing: float
     sigma = ((target_spacing / spacing - 1).clamp(min=0) / 2).tolist()
     if max(sigma) <= 0.1:
         return image
-    blurred = [gaussian_filter(channel.numpy(), sigma=sigma, truncate=2.0) for channel in image]
-    return torch.from_numpy(np.stack(blurred))
+    blurred = torch.empty_like(image)  # filled channel by channel: no stacked copy of a 512^3 volume
+    for channel, out in zip(image, blurred):
+        gaussian_filter(channel.numpy(), sigma=sigma, truncate=2.0, output=out.numpy())
+    return blurred
 
 
 def random_affine_matrix(

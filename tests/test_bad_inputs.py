@@ -17,6 +17,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -26,10 +27,12 @@ from test_inference import (
     grid_affine,
     has_traceback,
     inference_arguments,
+    interior_of_moving,
     phantom_volume,
     read_summary,
     rigid,
     run_bundle,
+    sitk_array,
     write_checkpoint,
     write_fixed,
     write_moving,
@@ -38,7 +41,9 @@ from test_inference import (
 
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import load_volume
+from scripts.output_folder import printable
 from scripts.qc import brain_fill, neighbour_correlation, qc_flags
+from scripts.transform_io import read_itk_transform
 
 SHIFT = rigid([0.3, 0.2, 1.0], 15.0, [3.0, -4.0, 2.0])
 GOOD_AFFINE = grid_affine((2.0, 2.0, 2.0), (40, 40, 40))
@@ -138,6 +143,27 @@ def _good(folder, path):
     write_moving(path, SHIFT)
 
 
+def _header_forms(qform_code: int, sform_code: int, qform_offset_mm=(0.0, 0.0, 0.0), mirror_qform: bool = False):
+    """A good moving image whose header sets the qform and sform with these codes; the qform may be shifted or
+    mirrored left-right within the same field of view (what ITK reads when the codes make it prefer the qform)."""
+
+    def build(folder, path):
+        image = nib.load(write_moving(path, SHIFT))
+        affine, qform = image.affine, image.affine.copy()
+        qform[:3, 3] += qform_offset_mm
+        if mirror_qform:
+            last = np.array([image.shape[0] - 1, 0, 0, 0])
+            qform = qform @ np.diag([-1.0, 1.0, 1.0, 1.0])
+            qform[:3, 3] = (affine @ last)[:3]
+        data = np.asarray(image.dataobj)
+        write_nifti(path, data, affine, qform_code=qform_code, sform_code=sform_code)
+        edited = nib.load(path)
+        edited.set_qform(qform, qform_code)
+        nib.save(nib.Nifti1Image(data, None, edited.header), path)
+
+    return build
+
+
 def _symlink(folder, path):
     target = os.path.join(os.path.dirname(folder), "elsewhere", "target image.nii.gz")
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -190,6 +216,14 @@ def _heavy_noise(folder, path):
     write_nifti(path, data, GOOD_AFFINE)
 
 
+def _freesurfer(folder, path):
+    nib.save(nib.MGHImage(good_data(), GOOD_AFFINE), path)
+
+
+def _analyze_pair(folder, path):
+    nib.save(nib.Nifti1Pair(good_data(), GOOD_AFFINE), path)  # path.hdr and path.img
+
+
 def _pure_noise(signed: bool):
     def build(folder, path):
         noise = np.random.default_rng(4).normal(0, 1, (40, 40, 40)).astype(np.float32)
@@ -219,7 +253,25 @@ CASES = {
     "nan_affine.nii.gz": (_affine_with(_nan_entry), "error", ["non-finite"]),
     "sheared.nii.gz": (_affine_with(_shear), "error", ["sheared"]),
     "units_meter.nii.gz": (_units, "error", ["units", "mm"]),
+    "qform_mirrors_sform.nii.gz": (
+        _header_forms(1, 2, mirror_qform=True),
+        "error",
+        ["nibabel (sform: RPS) and ITK (LPS)", "qform and sform disagree"],
+    ),
+    "qform_shifted_5mm.nii.gz": (_header_forms(1, 2, (5.0, 0.0, 0.0)), "error", ["5 mm apart"]),
+    "qform_shifted_half_mm.nii.gz": (_header_forms(1, 2, (0.0, 0.5, 0.0)), "error", ["0.5 mm apart"]),
+    "no_orientation.nii.gz": (_header_forms(0, 0), "error", ["sets no orientation", "both 0"]),
+    # names that cannot be a case folder of the output folder
+    "summary.csv.nii.gz": (_good, "error", ["case name 'summary.csv'", "file of the run"]),
+    "new\nline.nii.gz": (_good, "error", ["case name", "line break"]),
+    "back\\slash.nii.gz": (_good, "error", ["case name", "path separator"]),
+    # files listed, not registered
+    ".hidden.nii.gz": (_good, "skipped", ["hidden file", "rename it"]),
+    "._apple_double.nii.gz": (_not_nifti, "skipped", ["hidden file"]),
+    "freesurfer.mgz": (_freesurfer, "skipped", ["MGH/MGZ", "mri_convert"]),
+    "analyze_pair.hdr": (_analyze_pair, "skipped", ["Analyze", ".nii.gz"]),
     # good images in odd clothes: must work
+    "n" * 243 + ".nii.gz": (_good, "registered", []),  # 250 characters: the longest names still fit
     "good.nii.gz": (_good, "registered", []),
     "with space.nii.gz": (_good, "registered", []),
     "non_ascii_é_脑.nii.gz": (_good, "registered", []),
@@ -228,6 +280,10 @@ CASES = {
     "float64.nii.gz": (_dtype(np.float64), "registered", []),
     "huge_voxels.nii.gz": (_huge_voxels, "registered", []),
     "aniso_1x1x10.nii.gz": (_anisotropic, "registered", []),
+    "sform_only.nii.gz": (_header_forms(0, 2), "registered", []),
+    "qform_only.nii.gz": (_header_forms(1, 0), "registered", []),
+    "forms_agree_scanner.nii.gz": (_header_forms(1, 1, mirror_qform=True), "registered", []),
+    "forms_within_tolerance.nii.gz": (_header_forms(1, 2, (0.002, 0.0, 0.0)), "registered", []),
     # partly bad: registered, flagged when doubtful
     "some_nan.nii.gz": (_some_nan, "registered", ["NaN"]),
     "cropped.nii.gz": (_cropped, "registered", []),
@@ -239,8 +295,11 @@ CASES = {
 }
 
 
-def case_name(file_name: str) -> str:
-    return file_name[: -len(".nii.gz")] if file_name.endswith(".nii.gz") else file_name[: -len(".nii")]
+def row_name(file_name: str) -> str:
+    """The summary row of a case: its case name (line breaks written as \\n), the file name for files not read."""
+    if CASES[file_name][1] == "skipped":
+        return file_name
+    return printable(file_name[: -len(".nii.gz")] if file_name.endswith(".nii.gz") else file_name[: -len(".nii")])
 
 
 @pytest.fixture(scope="module")
@@ -271,23 +330,44 @@ def test_the_run_fails_with_a_count_and_no_traceback(bad_folder_run):
 def test_each_input_gets_its_status_and_message(bad_folder_run, file_name):
     _, output, folder = bad_folder_run
     _, expected, words = CASES[file_name]
-    row = read_summary(output)[case_name(file_name)]
+    row = read_summary(output)[row_name(file_name)]
     message = row["message"]
     assert "\n" not in message
     if expected == "error":
         assert row["status"] == "error", row
-        assert file_name in message, message
-        assert not os.path.exists(output / case_name(file_name))
+        assert printable(file_name) in message, message
+        assert not os.path.isdir(output / file_name.split(".nii")[0])  # no case folder (summary.csv is a file)
+    elif expected == "skipped":
+        assert row["status"] == "skipped", row
     elif expected == "registered":
         assert row["status"] in ("ok", "suspect"), row
         for name in OUTPUT_FILES:
-            assert (output / case_name(file_name) / name).is_file()
+            assert (output / row_name(file_name) / name).is_file()
         if row["status"] == "suspect":
             assert "QC flagged" in message
     else:
         assert row["status"] in ("suspect", "error"), row
     for word in words:
         assert word in message, message
+
+
+HEADER_VARIANTS = ["sform_only", "qform_only", "forms_agree_scanner", "forms_within_tolerance"]
+
+
+@pytest.mark.parametrize("name", HEADER_VARIANTS)
+def test_simpleitk_reproduces_registered_images_of_accepted_header_variants(bad_folder_run, name):
+    """The README's recipe, SimpleITK.Resample(moving, fixed, transform.tfm), gives registered.nii.gz for every
+    accepted qform/sform combination (ITK reads them as nibabel does)."""
+    _, output, folder = bad_folder_run
+    root = folder.parent
+    moving = sitk.ReadImage(str(folder / f"{name}.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(root / "fixed.nii.gz"), sitk.sitkFloat32)
+    transform = sitk.ReadTransform(str(output / name / "transform.tfm"))
+    expected = sitk_array(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    registered = np.asarray(nib.load(str(output / name / "registered.nii.gz")).dataobj)
+    inside = interior_of_moving(name, root, read_itk_transform(str(output / name / "transform.tfm")))
+    assert inside.sum() > 2000 and np.abs(registered[inside]).max() > 0.1
+    np.testing.assert_allclose(registered[inside], expected[inside], atol=2e-3 * np.abs(expected).max())
 
 
 def test_no_staging_leftovers(bad_folder_run):

@@ -43,6 +43,7 @@ OUTPUT_FILES = (
     "keypoints_fixed.csv",
     "qc.png",
     "qc_keypoints.png",
+    "provenance.json",
 )
 
 
@@ -149,10 +150,15 @@ def write_checkpoint(path, seed: int = 0) -> str:
 # --- the runner -------------------------------------------------------------------------------------------------
 
 
-def run_bundle(*arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+def run_bundle(
+    *arguments: str, cwd: Path = ROOT, python_path=(), env=None, config_file: str = "configs/inference.yaml"
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root
+    (or ``cwd``); ``python_path`` folders go before the bundle root on PYTHONPATH, ``env`` adds environment
+    variables."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config_file]
+    path = os.pathsep.join([*map(str, python_path), str(ROOT)])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [*command, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
     )
@@ -581,6 +587,26 @@ def test_a_config_error_through_the_runner_is_one_line_without_traceback(tmp_pat
     assert not (tmp_path / "o").exists()  # nothing was done
 
 
+@pytest.mark.parametrize(
+    "output_dir, words",
+    [
+        ("['out']", ["--output_dir ['out']: not a path but a list"]),
+        ("123", ["--output_dir 123: read as a number, not a path", "write it as ./123"]),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_line_through_the_runner(tmp_path, output_dir, words):
+    process = run_bundle(
+        *inference_arguments(tmp_path / "in", output_dir, tmp_path / "fixed.nii.gz", tmp_path / "model.pt"),
+        cwd=tmp_path,  # where a wrong folder would be made
+        config_file=str(CONFIG),
+    )
+    assert process.returncode == 2 and not has_traceback(process), process.stderr[-3000:]
+    line = process.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in line, line
+    assert os.listdir(tmp_path) == []  # nothing was made
+
+
 def test_bundle_properties(settings):
     from monai.bundle import ConfigWorkflow
 
@@ -669,7 +695,10 @@ def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_
         writer._write_case(writer_output)
     monkeypatch.setattr(os, "rename", rename)
     assert not (output / "case").exists() and not case_done(str(output), "case")  # redone by the next run
-    RegistrationWriter(str(output))._load_summary(None)  # the next run starts by removing the leftovers
+    next_run = RegistrationWriter(str(output))
+    next_run._load_summary(None)  # the next run starts by removing the leftovers
+    assert os.listdir(output) == [".keymorph.lock"]  # and holds the folder until it ends
+    next_run.lock.release()
     assert os.listdir(output) == []
 
 
