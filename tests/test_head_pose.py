@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
+from synthetic_heads import write_label_maps_dir
 
 from scripts.coordinates import apply_affine
 from scripts.head_pose import (
     HEAD_GRID_SIZE,
     HEAD_GRID_SPACING,
     PARTS,
+    BrainPartsNet,
     head_grid,
     parts_from_labels,
     pose_from_parts,
@@ -90,3 +97,28 @@ def test_head_grid_is_centred_on_the_head():
     assert torch.allclose(
         apply_affine(grid, voxels[None])[0], torch.tensor([20.0, -10.0, 35.0], dtype=torch.float64), atol=2.0
     )
+
+
+# --- the training workflow ---------------------------------------------------------------------------------------
+
+
+def test_head_pose_training_runs_from_start_weights_and_keeps_checkpoints(tmp_path):
+    """configs/train_head_pose.yaml through the runner on generated label maps: start weights loaded, finite losses,
+    interval, best and final checkpoints."""
+    root = Path(__file__).resolve().parents[1]
+    label_maps = write_label_maps_dir(str(tmp_path / "maps"), subjects=(1, 2, 12))
+    start = BrainPartsNet()
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train_head_pose.yaml"]
+    command += ["--dataset_dir", label_maps, "--output_dir", str(tmp_path / "run"), "--test_subjects", "[]"]
+    command += ["--max_epochs", "2", "--epoch_length", "2", "--val_items", "1", "--val_interval", "1"]
+    command += ["--save_every", "2", "--num_workers", "0", "--pretrained_ckpt", str(tmp_path / "start.pt")]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
+    process = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert process.returncode == 0, process.stderr[-2000:]
+    log = process.stdout + process.stderr
+    assert "Restored all variables from" in log and str(tmp_path / "start.pt") in log
+    losses = [float(line.rsplit("train_loss:", 1)[1].split()[0]) for line in log.splitlines() if "train_loss:" in line]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "model_best.pt" in names and "checkpoint_final_iteration=4.pt" in names
