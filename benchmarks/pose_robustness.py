@@ -260,11 +260,14 @@ def score(cases: list[dict], output_dir: str) -> list[dict]:
 
 
 def mask_scores(cases: list[dict], pose_weights: str) -> list[dict]:
-    """Brain-mask Dice and seconds of each moving image, with the head pose first and with plain deepbet."""
+    """Brain-mask Dice and seconds of each moving image with plain deepbet, and with the head pose first when its
+    weights ``pose_weights`` exist."""
     from scripts.image_io import load_volume
     from scripts.skull_strip import SkullStripd
 
-    strippers = {"pose+deepbet": SkullStripd(pose_weights=pose_weights), "deepbet": SkullStripd()}
+    strippers = {"deepbet": SkullStripd()}
+    if os.path.isfile(pose_weights):
+        strippers["pose+deepbet"] = SkullStripd(pose_weights=pose_weights)
     rows, seen = [], set()
     for case in cases:
         if case["moving"] in seen or case["condition"] != "full":
