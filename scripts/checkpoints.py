@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 
+import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
@@ -100,3 +101,10 @@ def shared_latest_checkpoint(checkpoint_dir: str) -> str | None:
     choice = [latest_checkpoint(checkpoint_dir) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def load_network_weights(network, path: str) -> None:
+    """Load a network's weights from ``path``: a plain state dict (``models/model.pt``, ``model_best.pt``) or a
+    training checkpoint holding one under ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state["model"] if "model" in state and isinstance(state["model"], dict) else state)

@@ -12,11 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
 from scripts.coordinates import apply_affine
-from scripts.metrics import brain_voxel_error, mean_dice
+from scripts.metrics import brain_voxel_error, grid_frame_points, mean_dice, spread_scalars
 from scripts.registration import keypoints_world, register, warp_moving
 from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
 
@@ -63,6 +64,35 @@ def relative_keypoint_error(
     return error.pow(2).sum(-1).mean(-1) / spread
 
 
+def brain_spread(mask) -> torch.Tensor:
+    """``(3,)`` float64 standard deviation in mm of a network-grid brain mask ``(1, D, H, W)`` (a MetaTensor with
+    the grid's affine) along the grid's axes: how far keypoints can spread along each of the brain's own axes."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    spacing = torch.as_tensor(mask.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
+    return voxels.std(dim=0) * spacing
+
+
+def spread_shortfall(
+    points: torch.Tensor,
+    grid_affine: torch.Tensor,
+    brain_sd: torch.Tensor,
+    fraction: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B,)`` how far world keypoints ``(B, K, 3)`` fall short of covering the brain: along each axis of their
+    network grid (``(B, 4, 4)`` voxel-to-world matrices), ``relu(1 - sd / (fraction * brain_sd))^2`` averaged over
+    the three axes, where ``sd`` is the keypoints' (``weights``-weighted, ``(B, K)``, as in the fit) standard
+    deviation and ``brain_sd`` ``(B, 3)`` the brain's (:func:`brain_spread`). Zero once the keypoints spread as far
+    as ``fraction`` of the brain along every axis; it grows as they gather (collapsed keypoints: 1), so it cannot be
+    lowered by collapsing them, and a midline-only cloud pays for its narrow left-right spread."""
+    frame = grid_frame_points(points, grid_affine)
+    w = torch.ones(frame.shape[:2], dtype=frame.dtype, device=frame.device) if weights is None else weights
+    w = (w / w.sum(-1, keepdim=True))[..., None].to(frame.dtype)
+    centre = (w * frame).sum(1, keepdim=True)
+    sd = ((w * (frame - centre).pow(2)).sum(1) + 1e-6).sqrt()  # (B, 3); + 1e-6 mm^2: finite gradient when collapsed
+    return F.relu(1 - sd / (fraction * brain_sd.to(sd))).pow(2).mean(-1)
+
+
 def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
     """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
     voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
@@ -90,7 +120,10 @@ class RegistrationLoss:
       same anatomy must give the same keypoints in every contrast. Relative to the spread, because in millimetres
       the term is smallest when all keypoints collapse onto one point, which leaves the fit undetermined;
     * ``transform``: for same-subject pairs, the mean distance (in units of 10 mm) between the fitted and the TRUE
-      transform of the fixed brain's voxels: the target registration error itself.
+      transform of the fixed brain's voxels: the target registration error itself;
+    * ``spread``: for every pair, :func:`spread_shortfall` of the fixed and of the moving keypoints (their mean):
+      keypoints that cover the brain along all its axes, ``spread_fraction`` of the brain's own spread, constrain
+      every scale and shear of the fit (keypoints gathered on the midline leave the left-right ones loose).
     """
 
     def __init__(
@@ -101,11 +134,14 @@ class RegistrationLoss:
         transform_weight: float = 0.0,
         image_loss: str = "mi",
         dice_downsample: int = 2,
+        spread_weight: float = 0.0,
+        spread_fraction: float = 0.8,
     ):
         if image_loss not in ("mse", "lncc", "mi"):
             raise ValueError(f"image_loss must be mse, lncc or mi, got {image_loss!r}")
         self.dice_weight, self.image_weight, self.keypoint_weight = dice_weight, image_weight, keypoint_weight
         self.transform_weight = transform_weight
+        self.spread_weight, self.spread_fraction = spread_weight, float(spread_fraction)
         self.dice_downsample = int(dice_downsample)
         self.image_loss = image_loss
         self.dice = DiceLoss(include_background=True, reduction="mean", smooth_nr=1e-5, smooth_dr=1e-5)
@@ -135,6 +171,16 @@ class RegistrationLoss:
         warped = warp_moving(registration, moving_labels, fixed_affine, moving_affine, fixed_labels.shape[2:])
         return self.dice(warped, fixed_labels)
 
+    def spread_term(self, registration, fixed: list[dict], moving: list[dict]) -> torch.Tensor:
+        """Mean :func:`spread_shortfall` of the fixed and the moving keypoints of a batch of pairs (items with
+        network-grid ``mask``s)."""
+        shortfalls = []
+        for items, points in ((fixed, registration.fixed_points), (moving, registration.moving_points)):
+            affine = _stack_affines(items).to(points.device)
+            brain = torch.stack([brain_spread(item["mask"]) for item in items]).to(points.device)
+            shortfalls.append(spread_shortfall(points, affine, brain, self.spread_fraction, registration.weights))
+        return torch.cat(shortfalls).mean()
+
     def image_term(self, warped: torch.Tensor, fixed: torch.Tensor, same_modality: bool) -> torch.Tensor:
         if self.image_loss == "mi" or not same_modality:
             return self.mutual_information(warped, fixed)
@@ -147,13 +193,17 @@ class KeyMorphTrainer(SupervisedTrainer):
     """Pair-wise registration training: keypoints of both images, closed-form fit, warp, :class:`RegistrationLoss`.
 
     ``loss_function`` is a :class:`RegistrationLoss`; ``aligner`` the fit used in training (affine by default,
-    rigid, similarity or tps with ``tps_lambda``). The iteration output has ``loss`` and its terms, and the engine
-    stops with a message naming the iteration when the loss is not finite (the last checkpoint stays good).
+    rigid, similarity or tps with ``tps_lambda``); ``keypoint_weighting`` "uniform" or "power" (see
+    :func:`scripts.registration.power_weights`). The iteration output has ``loss``, its terms, the fit's residual
+    and the fixed keypoints' spread (:func:`scripts.metrics.spread_scalars`), and the engine stops with a message
+    naming the iteration when the loss is not finite (the last checkpoint stays good).
     """
 
-    def __init__(self, *args, aligner: str = "affine", tps_lambda: float = 0.0, **kwargs):
+    def __init__(
+        self, *args, aligner: str = "affine", tps_lambda: float = 0.0, keypoint_weighting: str = "uniform", **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.aligner, self.tps_lambda = aligner, tps_lambda
+        self.aligner, self.tps_lambda, self.keypoint_weighting = aligner, tps_lambda, keypoint_weighting
 
     def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
         device = engine.state.device
@@ -165,7 +215,14 @@ class KeyMorphTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         registration = register(
-            engine.network, fixed_image, fixed_affine, moving_image, moving_affine, self.aligner, self.tps_lambda
+            engine.network,
+            fixed_image,
+            fixed_affine,
+            moving_image,
+            moving_affine,
+            self.aligner,
+            self.tps_lambda,
+            self.keypoint_weighting,
         )
         shape = fixed_image.shape[2:]
         terms: dict[str, torch.Tensor] = {}
@@ -194,17 +251,21 @@ class KeyMorphTrainer(SupervisedTrainer):
                 for j, (i, p) in enumerate(zip(known, brain))
             ]
             terms["transform"] = torch.stack(errors).mean() / 10.0
+        if loss_fn.spread_weight:
+            terms["spread"] = loss_fn.spread_term(registration, fixed, moving)
         weights = {
             "dice": loss_fn.dice_weight,
             "image": loss_fn.image_weight,
             "keypoints": loss_fn.keypoint_weight,
             "transform": loss_fn.transform_weight,
+            "spread": loss_fn.spread_weight,
         }
         loss = sum(weights[name] * value for name, value in terms.items())
         if not _optimizer_step(engine, loss):
             return {"loss": float("nan")}
         output = {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
         output["residual_mm"] = registration.residual.mean().item()
+        output.update(spread_scalars(registration.fixed_points.detach(), fixed_affine))
         return output
 
 
@@ -231,13 +292,11 @@ class KeypointPretrainer(SupervisedTrainer):
 
 
 class KeyMorphValidator(SupervisedEvaluator):
-    """Validation on a fixed set of pairs: mean Dice of the brain structures after registration (key metric
-    ``val_dice``) and, on same-subject pairs, the mean error in mm of the fitted transform over the fixed brain
-    voxels."""
-
-    def __init__(self, *args, aligner: str = "affine", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.aligner = aligner
+    """Validation on a fixed set of pairs, registered by the evaluator's ``inferer`` (a
+    :class:`scripts.registration.KeyMorphInferer`: the keypoint fit alone, or refined as in inference): mean Dice of
+    the brain structures after registration (key metric ``val_dice``), the fixed keypoints' spread along the brain's
+    axes (:func:`scripts.metrics.spread_scalars`) and, on same-subject pairs, the mean error in mm of the fitted
+    transform over the fixed brain voxels."""
 
     def _iteration(self, engine: Engine, batchdata: list[dict]) -> dict:
         device = engine.state.device
@@ -246,15 +305,13 @@ class KeyMorphValidator(SupervisedEvaluator):
         fixed_affine, moving_affine = _stack_affines(fixed).to(device), _stack_affines(moving).to(device)
         engine.network.eval()
         with torch.no_grad():
-            registration = register(
+            registration = engine.inferer(
+                MetaTensor(_stack(fixed, "image").to(device), affine=fixed_affine),
+                MetaTensor(_stack(moving, "image").to(device), affine=moving_affine),
                 engine.network,
-                _stack(fixed, "image").to(device),
-                fixed_affine,
-                _stack(moving, "image").to(device),
-                moving_affine,
-                self.aligner,
+                fixed_mask=_stack(fixed, "mask").to(device),
             )
-            output = {}
+            output = spread_scalars(registration.fixed_points, fixed_affine)
             if all("label" in item for item in fixed + moving):
                 warped = warp_moving(
                     registration,
