@@ -186,9 +186,7 @@ def register_best_turn(
     affines = torch.cat([affine for _, affine in candidates])
     points, power = detect(network, images, affines, weighting)
     powers = [None] * len(turns) if power is None else power.split(len(moving))
-    fits += [
-        fit_detected(fixed_detected, turn, aligner) for turn in zip(points.split(len(moving)), powers)
-    ]
+    fits += [fit_detected(fixed_detected, turn, aligner) for turn in zip(points.split(len(moving)), powers)]
     best = torch.stack([f.residual for f in fits]).argmin(0)  # (B,): the turn kept for each pair
     batch = torch.arange(len(moving))
     matrix, points, residual = (
