@@ -315,7 +315,7 @@ def test_latest_checkpoint(tmp_path):
 def test_the_best_model_stays_the_best_of_the_whole_run_across_resumes(tmp_path):
     """Each saver is one process of a resumed run: a resumed run's first, worse validation must not replace the
     best model of an earlier process; a better one must."""
-    from ignite.engine import Engine, Events
+    from ignite.engine import Engine
 
     from scripts.checkpoints import AtomicCheckpointSaver
 
