@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.data import MetaTensor
@@ -32,25 +33,55 @@ def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
     return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
 
 
-def _optimizer_step(engine: Engine, loss) -> bool:
-    """Back-propagate ``loss`` and step, unless the loss or a gradient is not finite: then log the iteration and
-    stop the run (the last checkpoint stays the last good one). Returns whether the step was taken.
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank of the initialized process group (multi-process training), else
+    ``flag``: one collective per call, made by every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
-    A degenerate fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on those.
+
+def _optimizer_step(engine: Engine, loss) -> bool:
+    """Back-propagate ``loss`` and step, unless there is no loss, or the loss or a gradient is not finite: then log
+    the iteration, record why in ``engine.state.stop_reason`` and stop the run (no step is taken, so the weights,
+    and the checkpoint saved at the stop, are those of the last good step; :func:`exit_if_stopped` then ends the
+    process with an error). Returns whether the step was taken.
+
+    Under multi-process training every rank stops at the same iteration: whether any rank has a bad loss is
+    agreed (one all-reduce) before the backward pass, whose gradient averaging would otherwise wait forever for a
+    rank that stopped; the averaged gradients are the same on every rank, so all agree on them too. A degenerate
+    fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on those.
     """
     problem = None
-    if not torch.is_tensor(loss) or not torch.isfinite(loss):
-        problem = f"loss is {loss} (not finite)"
-    else:
+    if not torch.is_tensor(loss):
+        problem = "no loss term applies to this pair"
+    elif not torch.isfinite(loss):
+        problem = f"loss is {float(loss)} (not finite)"
+    if _on_any_rank(problem is not None, engine.state.device) and problem is None:
+        problem = "another process stopped"
+    if problem is None:
         loss.backward()
         if not all(torch.isfinite(p.grad).all() for p in engine.network.parameters() if p.grad is not None):
             problem = "non-finite gradients"
     if problem:
-        engine.logger.error(f"iteration {engine.state.iteration}: {problem}; stopping")
+        engine.state.stop_reason = f"iteration {engine.state.iteration}: {problem}"
+        engine.logger.error(f"{engine.state.stop_reason}; stopping")
         engine.terminate()
         return False
     engine.optimizer.step()
     return True
+
+
+def exit_if_stopped(engine: Engine) -> None:
+    """End the process with one error line and exit code 1 when ``engine`` stopped on a bad iteration (see
+    :func:`_optimizer_step`): a stopped run must not look finished."""
+    reason = getattr(engine.state, "stop_reason", None)
+    if reason:
+        from scripts.cli import fail
+
+        fail(f"training stopped at {reason}; the newest checkpoint holds the last good weights", code=1)
 
 
 def relative_keypoint_error(
@@ -114,7 +145,8 @@ class RegistrationLoss:
       :meth:`label_dice`);
     * ``image``: image dissimilarity of the warped moving image and the fixed image inside the network grid:
       ``"mse"`` or ``"lncc"`` for pairs of one modality, mutual information for pairs of two (always MI when
-      ``image_loss="mi"``);
+      ``image_loss="mi"``), weighted by ``image_weight`` for pairs with labels and ``unlabeled_image_weight`` for
+      pairs without (KeyMorph's unsupervised training: the only term such a pair of two subjects can have);
     * ``keypoints``: for same-subject pairs, the mean squared distance between the moving keypoints and the fixed
       keypoints moved by the TRUE transform, divided by the fixed keypoints' spread (their summed variance): the
       same anatomy must give the same keypoints in every contrast. Relative to the spread, because in millimetres
@@ -132,15 +164,16 @@ class RegistrationLoss:
         image_weight: float = 0.0,
         keypoint_weight: float = 0.0,
         transform_weight: float = 0.0,
-        image_loss: str = "mi",
+        image_loss: str = "lncc",
         dice_downsample: int = 2,
         spread_weight: float = 0.0,
         spread_fraction: float = 0.8,
+        unlabeled_image_weight: float = 1.0,
     ):
         if image_loss not in ("mse", "lncc", "mi"):
             raise ValueError(f"image_loss must be mse, lncc or mi, got {image_loss!r}")
         self.dice_weight, self.image_weight, self.keypoint_weight = dice_weight, image_weight, keypoint_weight
-        self.transform_weight = transform_weight
+        self.transform_weight, self.unlabeled_image_weight = transform_weight, unlabeled_image_weight
         self.spread_weight, self.spread_fraction = spread_weight, float(spread_fraction)
         self.dice_downsample = int(dice_downsample)
         self.image_loss = image_loss
@@ -226,7 +259,9 @@ class KeyMorphTrainer(SupervisedTrainer):
         )
         shape = fixed_image.shape[2:]
         terms: dict[str, torch.Tensor] = {}
-        if loss_fn.dice_weight and all("label" in item for item in fixed + moving):
+        labeled = all("label" in item for item in fixed + moving)
+        image_weight = loss_fn.image_weight if labeled else loss_fn.unlabeled_image_weight
+        if loss_fn.dice_weight and labeled:
             terms["dice"] = loss_fn.label_dice(
                 registration,
                 one_hot_labels(_stack(fixed, "label").to(device)),
@@ -234,7 +269,7 @@ class KeyMorphTrainer(SupervisedTrainer):
                 one_hot_labels(_stack(moving, "label").to(device)),
                 moving_affine,
             )
-        if loss_fn.image_weight:
+        if image_weight:
             warped = warp_moving(registration, moving_image, fixed_affine, moving_affine, shape)
             same = all(f.get("modality") == m.get("modality") != "random" for f, m in zip(fixed, moving))
             terms["image"] = loss_fn.image_term(warped, fixed_image, same)
@@ -255,7 +290,7 @@ class KeyMorphTrainer(SupervisedTrainer):
             terms["spread"] = loss_fn.spread_term(registration, fixed, moving)
         weights = {
             "dice": loss_fn.dice_weight,
-            "image": loss_fn.image_weight,
+            "image": image_weight,
             "keypoints": loss_fn.keypoint_weight,
             "transform": loss_fn.transform_weight,
             "spread": loss_fn.spread_weight,
