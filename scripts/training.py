@@ -55,7 +55,7 @@ def _optimizer_step(engine: Engine, loss) -> bool:
     fit (e.g. collapsed keypoints) can give a finite loss but NaN gradients: never step on those.
     """
     problem = None
-    if not torch.is_tensor(loss):
+    if loss is None:
         problem = "no loss term applies to this pair"
     elif not torch.isfinite(loss):
         problem = f"loss is {float(loss)} (not finite)"
@@ -295,7 +295,9 @@ class KeyMorphTrainer(SupervisedTrainer):
             "transform": loss_fn.transform_weight,
             "spread": loss_fn.spread_weight,
         }
-        loss = sum(weights[name] * value for name, value in terms.items())
+        # the spread term only shapes the keypoints: a pair needs a term that scores its registration
+        registered = terms.keys() - {"spread"}
+        loss = sum(weights[name] * value for name, value in terms.items()) if registered else None
         if not _optimizer_step(engine, loss):
             return {"loss": float("nan")}
         output = {"loss": loss.item(), **{name: value.item() for name, value in terms.items()}}
