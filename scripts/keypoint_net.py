@@ -91,4 +91,7 @@ class KeypointDetector(nn.Module):
         not a method of its own, so that DistributedDataParallel sees the pass.)"""
         heatmaps = self.features(image)
         points = self.center_of_mass(heatmaps)
-        return (points, F.relu(heatmaps).sum(dim=(2, 3, 4))) if with_power else points
+        if torch.jit.is_scripting():  # the exported TorchScript model gives the keypoints alone
+            return points
+        else:
+            return (points, F.relu(heatmaps).sum(dim=(2, 3, 4))) if with_power else points
