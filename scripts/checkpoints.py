@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import zipfile
 
+import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointSaver
 
 from scripts.errors import KeyMorphInputError
+from scripts.transform_io import write_atomically
 
 _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
 
@@ -24,13 +28,34 @@ class AtomicCheckpointSaver(CheckpointSaver):
     An iteration-level interval checkpoint due on the last iteration of an epoch is written when the epoch has
     completed, after the epoch-end handlers attached before this one (LR schedule step, validation): written at
     the iteration's end it would hold the state before them, and a run resumed from it would skip them (its LR
-    schedule one epoch behind)."""
+    schedule one epoch behind).
+
+    The best model (``key_metric_filename``, e.g. ``model_best.pt``) is the best of the whole run, across resumes:
+    its score goes into a record beside it (``model_best.json``), and a resumed run replaces it only with a better
+    one (MONAI's saver alone forgets the best score when the process ends, so the first validation after a resume
+    would overwrite the model of a better one)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler._atomic = True
+        best_model = getattr(getattr(self._key_metric_checkpoint, "save_handler", None), "filename", None)
+        self._best_record = None
+        if best_model is not None:
+            self._best_record = os.path.join(self.save_dir, os.path.splitext(best_model)[0] + ".json")
+            if os.path.isfile(self._best_record) and os.path.isfile(os.path.join(self.save_dir, best_model)):
+                with open(self._best_record) as record:
+                    score = json.load(record)["score"]
+                self._key_metric_checkpoint._saved = [Checkpoint.Item(score, best_model)]
+
+    def metrics_completed(self, engine: Engine) -> None:
+        """Save the best model when the key metric beats the run's best so far, and record its score."""
+        before = list(self._key_metric_checkpoint._saved)
+        super().metrics_completed(engine)
+        saved = self._key_metric_checkpoint._saved
+        if self._best_record is not None and saved and saved != before:
+            write_atomically(self._best_record, lambda path: _write_json(path, {"score": float(saved[-1].priority)}))
 
     def attach(self, engine: Engine) -> None:
         if self._interval_checkpoint is None or self.epoch_level:
@@ -52,6 +77,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             Events.ITERATION_COMPLETED(event_filter=lambda e, _: due(e) and not epoch_end(e)), self.interval_completed
         )
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=lambda e, _: due(e)), self.interval_completed)
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(path, "w") as file:
+        json.dump(content, file)
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -100,3 +130,10 @@ def shared_latest_checkpoint(checkpoint_dir: str) -> str | None:
     choice = [latest_checkpoint(checkpoint_dir) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def load_network_weights(network, path: str) -> None:
+    """Load a network's weights from ``path``: a plain state dict (``models/model.pt``, ``model_best.pt``) or a
+    training checkpoint holding one under ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict(state["model"] if "model" in state and isinstance(state["model"], dict) else state)

@@ -539,6 +539,35 @@ def check_training_settings(
         fail(problem)
 
 
+def check_loss_weights(
+    dataset_dir: str,
+    exclude: Sequence[str],
+    same_subject_probability: float,
+    dice_weight: float,
+    image_weight: float,
+    unlabeled_image_weight: float,
+    keypoint_weight: float,
+    transform_weight: float,
+) -> None:
+    """Refuse (:func:`fail`, one line naming the weight to set) loss weights that could leave a training pair of the
+    training images of ``dataset_dir`` (``exclude``: the held-out subjects) without any loss term: pairs with labels
+    need ``dice_weight`` or ``image_weight``, pairs without (any image without a label file) need
+    ``unlabeled_image_weight``, unless every pair is of one subject (``same_subject_probability`` 1) and
+    ``keypoint_weight`` or ``transform_weight`` is set. Call it after :func:`check_training_settings`."""
+    from scripts.training_data import training_images
+
+    if same_subject_probability >= 1 and (keypoint_weight or transform_weight):
+        return
+    if not (dice_weight or image_weight):
+        fail("--dice_weight and --image_weight are both 0: pairs of labeled images would have no loss term; set one")
+    kind, images = training_images(str(dataset_dir), "train", list(exclude))
+    if kind != "label_maps" and not unlabeled_image_weight and any("label" not in image for image in images):
+        fail(
+            f"{dataset_dir}: images without labels, and --unlabeled_image_weight is 0: their pairs would have no loss"
+            " term; set --unlabeled_image_weight (image similarity) above 0"
+        )
+
+
 def _dataset_problem(
     dataset_dir: str | None, exclude: Sequence[str] = (), validation_subjects: Sequence[str] | None = None
 ) -> str | None:

@@ -8,8 +8,13 @@ A datalist is a list of dicts, one per image:
 * optional ``label`` (path of its FreeSurfer-style label map) and ``mask`` (path of its brain mask);
 * optional ``split`` (``"train"``, ``"validation"`` or ``"test"``; CSV datalists only);
 * optional ``world_transform``: ``(4, 4)`` float64 tensor, the RAS matrix from the subject's common world to this
-  image's world (what :mod:`scripts.make_test_set` writes to ``transforms.csv``), so that two images ``a`` and
-  ``b`` of one subject are related by the fixed-to-moving matrix ``T_b @ inv(T_a)``.
+  image's world (what :mod:`scripts.make_test_set` writes to ``transforms.csv``; a CSV datalist's
+  ``world_transform`` column: its 16 entries row by row, separated by spaces), so that two images ``a`` and ``b``
+  of one subject are related by the fixed-to-moving matrix ``T_b @ inv(T_a)``.
+
+Which subjects are held out (:func:`subject_split`): the names the workflows' ``validation_subjects`` and
+``test_subjects`` settings give, a CSV's ``split`` column, or, for an IXI folder or a CSV without that column whose
+subjects match none of those names, a seeded random choice written to ``split.json`` in the run's output folder.
 
 Every problem with the files (a malformed name or row, a missing file) raises
 :class:`scripts.errors.KeyMorphInputError` with one line naming the file.
@@ -19,14 +24,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
 import os
 import re
 
+import numpy as np
 import torch
 
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import is_nifti
+from scripts.transform_io import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,22 @@ TRANSFORM_COLUMNS = ["image"] + [f"m{row}{column}" for row in range(4) for colum
 SPLITS = ("train", "validation", "test")
 CSV_REQUIRED = ("image", "modality", "subject")
 CSV_OPTIONAL = ("label", "mask")
+SPLIT_FILE = "split.json"
+
+
+def _world_matrix(values: list[str], where: str) -> torch.Tensor:
+    """``(4, 4)`` float64 matrix of 16 row-major entries; :class:`KeyMorphInputError` naming ``where`` unless they
+    are 16 numbers forming an invertible finite matrix."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 16:
+        raise KeyMorphInputError(f"{where}: the world transform needs 16 numbers (a 4x4 matrix row by row)")
+    matrix = torch.tensor(numbers, dtype=torch.float64).reshape(4, 4)
+    if not torch.isfinite(matrix).all() or abs(float(torch.linalg.det(matrix))) < 1e-9:
+        raise KeyMorphInputError(f"{where}: not an invertible finite matrix")
+    return matrix
 
 
 def read_transforms_csv(path: str) -> dict[str, torch.Tensor]:
@@ -52,13 +76,7 @@ def read_transforms_csv(path: str) -> dict[str, torch.Tensor]:
             raise KeyMorphInputError(f"{path}: missing columns {', '.join(missing)}")
         matrices = {}
         for line, row in enumerate(reader, start=2):
-            try:
-                values = [float(row[c]) for c in columns]
-            except (TypeError, ValueError):
-                raise KeyMorphInputError(f"{path}: line {line}: the 16 matrix entries must be numbers") from None
-            matrix = torch.tensor(values, dtype=torch.float64).reshape(4, 4)
-            if not torch.isfinite(matrix).all() or abs(float(torch.linalg.det(matrix))) < 1e-9:
-                raise KeyMorphInputError(f"{path}: line {line}: not an invertible finite matrix")
+            matrix = _world_matrix([row[c] for c in columns], f"{path}: line {line}")
             matrices[os.path.normpath(row["image"])] = matrix
     return matrices
 
@@ -106,12 +124,14 @@ def csv_datalist(csv_path: str) -> list[dict]:
     """The images of a CSV datalist, in file order.
 
     Columns ``image``, ``modality``, ``subject`` (required, non-empty) and optionally ``label``, ``mask`` (paths;
-    an empty cell means none) and ``split`` (``train``, ``validation`` or ``test``; when the column exists every
-    row needs one). Relative paths are relative to the CSV's folder; every named file must exist.
+    an empty cell means none), ``world_transform`` (16 numbers separated by spaces: the image's RAS matrix from its
+    subject's common world, row by row; empty: the identity) and ``split`` (``train``, ``validation`` or ``test``;
+    when the column exists every row needs one). Relative paths are relative to the CSV's folder; every named file
+    must exist.
 
     Raises:
-        KeyMorphInputError: missing file or column, an empty required cell, an unknown split or a missing image,
-            label or mask file (naming the CSV line), or no row.
+        KeyMorphInputError: missing file or column, an empty required cell, an unknown split, a malformed world
+            transform or a missing image, label or mask file (naming the CSV line), or no row.
     """
     if not os.path.isfile(csv_path):
         raise KeyMorphInputError(f"{csv_path}: datalist CSV not found")
@@ -123,7 +143,7 @@ def csv_datalist(csv_path: str) -> list[dict]:
         if missing:
             raise KeyMorphInputError(
                 f"{csv_path}: missing columns {', '.join(missing)} (needs image, modality, subject; optional label,"
-                " mask, split)"
+                " mask, world_transform, split)"
             )
         has_split = "split" in columns
         items = []
@@ -138,6 +158,8 @@ def csv_datalist(csv_path: str) -> list[dict]:
                     item[key] = os.path.join(root, row[key])
                     if not os.path.isfile(item[key]):
                         raise KeyMorphInputError(f"{csv_path}: line {line}: {key} file {item[key]} not found")
+            if row.get("world_transform"):
+                item["world_transform"] = _world_matrix(row["world_transform"].split(), f"{csv_path}: line {line}")
             if has_split:
                 if row.get("split") not in SPLITS:
                     raise KeyMorphInputError(
@@ -202,3 +224,80 @@ def select_subjects(
             f"{source}: no images of the {split} subjects (include {list(include)}, exclude {list(exclude)})"
         )
     return chosen
+
+
+def subject_split(
+    dataset_dir: str,
+    validation_subjects: list[str] | tuple[str, ...],
+    test_subjects: list[str] | tuple[str, ...],
+    output_dir: str | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> dict[str, list[str]]:
+    """The held-out subjects of a dataset: ``{"validation": [...], "test": [...]}`` (names matched as parts of
+    subject ids or label-map file names, as :func:`select_subjects` does).
+
+    * a folder of label maps, or any source whose subjects match one of the configured names: those names;
+    * a CSV datalist with a ``split`` column: the subjects of its validation and test rows (the column wins);
+    * an IXI folder or a CSV datalist matching none of them (the defaults name the shipped label maps): a seeded
+      random choice of ``test_fraction`` and ``validation_fraction`` of its subjects (at least two test subjects,
+      for pairs of different subjects, and one validation subject, test first, while two subjects are left to
+      train on; with too few subjects, one warning line and no
+      validation, or neither), the same in every workflow for the same data and seed.
+
+    With ``output_dir``, the split is written to ``output_dir/split.json`` and, when that file is already there
+    (a resumed or repeated run), read from it instead. A source that cannot be read gives the configured names
+    (the workflows' settings check then reports the problem in one line).
+    """
+    configured = {"validation": list(validation_subjects or ()), "test": list(test_subjects or ())}
+    record = os.path.join(output_dir, SPLIT_FILE) if output_dir else None
+    if record and os.path.isfile(record):
+        with open(record) as handle:
+            saved = json.load(handle)
+        return {"validation": list(saved["validation"]), "test": list(saved["test"])}
+    try:
+        kind = detect_source(dataset_dir)
+        datalist = (
+            None if kind == "label_maps" else csv_datalist(dataset_dir) if kind == "csv" else ixi_datalist(dataset_dir)
+        )
+    except KeyMorphInputError:
+        return configured
+    if datalist is None:
+        split = configured
+    elif any("split" in item for item in datalist):
+        split = {
+            name: sorted({i["subject"] for i in datalist if i.get("split") == name}) for name in ("validation", "test")
+        }
+    elif any(n and n in item["subject"] for n in configured["validation"] + configured["test"] for item in datalist):
+        split = configured
+    else:
+        split = _random_split(
+            sorted({item["subject"] for item in datalist}), seed, validation_fraction, test_fraction, dataset_dir
+        )
+    if record:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            write_atomically(record, lambda path: _write_split(path, split, dataset_dir, seed))
+        except OSError:
+            pass  # an unwritable output folder: the settings check names it
+    return split
+
+
+def _random_split(subjects: list[str], seed: int, validation_fraction: float, test_fraction: float, source: str):
+    """Seeded choice of test then validation subjects among sorted ``subjects`` (see :func:`subject_split`)."""
+    order = [subjects[i] for i in np.random.RandomState(seed).permutation(len(subjects))]
+    spare = max(len(subjects) - 2, 0)  # two subjects stay for training: pairs of different subjects
+    test = min(spare, max(2, round(test_fraction * len(subjects))))  # two: pairs of different test subjects
+    validation = min(spare - test, max(1, round(validation_fraction * len(subjects))))
+    if validation == 0:
+        logger.warning(
+            f"{source}: {len(subjects)} subjects are too few to hold out validation"
+            f"{'' if test else ' or test'} subjects; training without validation"
+        )
+    return {"test": order[:test], "validation": order[test : test + validation]}
+
+
+def _write_split(path: str, split: dict, dataset_dir: str, seed: int) -> None:
+    with open(path, "w") as handle:
+        json.dump({"dataset_dir": str(dataset_dir), "seed": seed, **split}, handle, indent=1)

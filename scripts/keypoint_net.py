@@ -84,5 +84,14 @@ class KeypointDetector(nn.Module):
         deep = F.interpolate(deep, size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.heatmaps(self.decoder(torch.cat([deep, skip], dim=1)))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.center_of_mass(self.features(image))
+    def forward(self, image: torch.Tensor, with_power: bool = False):
+        """Keypoints ``(B, K, 3)`` in input voxel indices; with ``with_power`` also each heatmap's power ``(B, K)``:
+        its total mass after the ReLU (KeyMorph 2.0's keypoint confidence), which
+        :func:`scripts.registration.power_weights` turns into the weights of the fit. (An argument of ``forward``,
+        not a method of its own, so that DistributedDataParallel sees the pass.)"""
+        heatmaps = self.features(image)
+        points = self.center_of_mass(heatmaps)
+        if torch.jit.is_scripting():  # the exported TorchScript model gives the keypoints alone
+            return points
+        else:
+            return (points, F.relu(heatmaps).sum(dim=(2, 3, 4))) if with_power else points

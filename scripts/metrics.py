@@ -37,3 +37,47 @@ def brain_voxel_error(predicted: torch.Tensor, truth: torch.Tensor, masks: list[
         difference = apply_affine(predicted[i].cpu().double(), points) - apply_affine(truth[i].cpu().double(), points)
         errors.append(difference.norm(dim=-1).mean())
     return torch.stack(errors)
+
+
+#: Names of the network grid's axes (:func:`scripts.transforms.principal_axes`): a brain's own axes in any pose.
+GRID_AXES = ("front_back", "left_right", "bottom_top")
+
+
+def distinct_locations(points: torch.Tensor, radius_mm: float = 5.0) -> torch.Tensor:
+    """Number ``(B,)`` of distinct locations among keypoints ``(B, K, 3)`` (mm): the groups that remain when every
+    two points closer than ``radius_mm`` are merged (connected components of that neighbourhood graph)."""
+    near = torch.cdist(points.double(), points.double()) < radius_mm  # (B, K, K), reflexive
+    group = torch.arange(points.shape[1], device=points.device).expand(points.shape[:2]).clone()
+    while True:  # each point takes the smallest group number among its neighbours until nothing changes
+        merged = torch.where(near, group[:, None, :], points.shape[1]).amin(-1)
+        if torch.equal(merged, group):
+            return torch.tensor([len(torch.unique(g)) for g in group], device=points.device)
+        group = merged
+
+
+def keypoint_spread(points: torch.Tensor, radius_mm: float = 5.0) -> dict[str, torch.Tensor]:
+    """How well keypoints ``(B, K, 3)`` in mm cover the brain: ``sd_mm`` ``(B, 3)``, their standard deviation along
+    each coordinate axis of ``points``, and ``distinct`` ``(B,)``, their :func:`distinct_locations` at
+    ``radius_mm``. A fit constrains scale and shear along an axis only as well as the points spread along it.
+
+    Give world points (RAS) of images in standard pose for left-right / back-front / bottom-top spreads, or
+    :func:`grid_frame_points` for the brain's own axes in any pose (training, where images are turned at random).
+    """
+    return {"sd_mm": points.double().std(dim=1), "distinct": distinct_locations(points, radius_mm)}
+
+
+def grid_frame_points(points: torch.Tensor, grid_affine: torch.Tensor) -> torch.Tensor:
+    """World keypoints ``(B, K, 3)`` -> mm along the network grid's axes ``(B, K, 3)`` (the axes of
+    :data:`GRID_AXES`; origin at the grid's first voxel), for grids with voxel-to-world matrices ``(B, 4, 4)``."""
+    affine = grid_affine.to(torch.float64)
+    spacing = affine[:, :3, :3].norm(dim=1)  # (B, 3): column norms, the voxel size along each grid axis
+    return apply_affine(torch.linalg.inv(affine), points.to(torch.float64)) * spacing[:, None, :]
+
+
+def spread_scalars(points: torch.Tensor, grid_affine: torch.Tensor, radius_mm: float = 5.0) -> dict[str, float]:
+    """Batch means of :func:`keypoint_spread` along the brain's own axes, named for logging: ``spread_<axis>_mm``
+    for each of :data:`GRID_AXES` and ``distinct_<radius>mm``."""
+    spread = keypoint_spread(grid_frame_points(points, grid_affine), radius_mm)
+    scalars = {f"spread_{name}_mm": float(v) for name, v in zip(GRID_AXES, spread["sd_mm"].mean(0))}
+    scalars[f"distinct_{radius_mm:g}mm"] = float(spread["distinct"].double().mean())
+    return scalars

@@ -28,6 +28,7 @@ class Registration:
         fixed_points, moving_points: ``(B, K, 3)`` keypoints in world mm.
         residual: ``(B,)`` RMS distance in mm between the transformed fixed keypoints and the moving keypoints.
         spline: the fitted thin-plate spline when the aligner is "tps", else None.
+        weights: ``(B, K)`` weights of the keypoints in the fit (see :func:`power_weights`), or None (uniform).
     """
 
     fixed_to_moving: torch.Tensor
@@ -35,6 +36,7 @@ class Registration:
     moving_points: torch.Tensor
     residual: torch.Tensor
     spline: ThinPlateSpline | None = None
+    weights: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> Registration:
         """The same registrations with every tensor (the spline's too) on ``device``: the writer works on the CPU
@@ -54,10 +56,40 @@ class Registration:
         return grid.reshape(len(grid), *[int(s) for s in fixed_shape], 3).to(torch.float32)
 
 
+#: How the keypoints are weighted in the fit: all alike, or by their heatmaps' power (:func:`power_weights`).
+KEYPOINT_WEIGHTINGS = ("uniform", "power")
+
+
 def keypoints_world(network: nn.Module, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Keypoints ``(B, K, 3)`` in world mm of images ``(B, 1, D, H, W)`` whose grids have ``(B, 4, 4)`` affines."""
     voxels = network(image).to(torch.float64)
     return apply_affine(affine.to(torch.float64), voxels)
+
+
+def detect(
+    network: nn.Module, image: torch.Tensor, affine: torch.Tensor, weighting: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keypoints ``(B, K, 3)`` in world mm of images ``(B, 1, D, H, W)`` on grids with ``(B, 4, 4)`` affines, and
+    with ``weighting`` "power" their heatmaps' powers ``(B, K)`` (None for "uniform"; see
+    :data:`KEYPOINT_WEIGHTINGS`; "power" needs a network whose ``forward`` takes ``with_power``, as
+    :class:`scripts.keypoint_net.KeypointDetector`'s)."""
+    if weighting == "uniform":
+        return keypoints_world(network, image, affine), None
+    if weighting != "power":
+        raise ValueError(f"unknown keypoint weighting {weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
+    voxels, power = network(image, with_power=True)
+    return apply_affine(affine.to(torch.float64), voxels.to(torch.float64)), power
+
+
+def power_weights(fixed_power: torch.Tensor, moving_power: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """Fit weights ``(B, K)`` from the heatmap powers ``(B, K)`` of the fixed and the moving keypoints (KeyMorph
+    2.0's "power" weighting): each image's powers relative to their mean, multiplied, so a keypoint counts in the fit
+    as much as BOTH images are sure of it, and floored at ``floor`` (relative to the mean) so every weight is
+    positive and an all-dark heatmap cannot make the fit singular. Mean 1 per pair, float64."""
+    fixed_power, moving_power = fixed_power.to(torch.float64), moving_power.to(torch.float64)
+    relative = [power / power.mean(-1, keepdim=True).clamp(min=1e-12) for power in (fixed_power, moving_power)]
+    weights = (relative[0] * relative[1]).clamp(min=floor)
+    return weights / weights.mean(-1, keepdim=True)
 
 
 def fit(
@@ -67,17 +99,25 @@ def fit(
     tps_lambda: float = 0.0,
     weights: torch.Tensor | None = None,
 ) -> Registration:
-    """Fit the fixed-to-moving transform of world keypoints with ``aligner`` (affine, rigid, similarity or tps)."""
+    """Fit the fixed-to-moving transform of world keypoints with ``aligner`` (affine, rigid, similarity or tps),
+    with keypoint ``weights`` ``(B, K)`` (None: uniform; the spline itself is unweighted)."""
     if aligner == "tps":
         spline = ThinPlateSpline(fixed_points, moving_points, lam=tps_lambda)
         matrix = ALIGNERS["affine"](fixed_points, moving_points, weights)
-        return Registration(
-            matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points), spline
-        )
+        residual = fit_residual(matrix, fixed_points, moving_points)
+        return Registration(matrix, fixed_points, moving_points, residual, spline, weights)
     if aligner not in ALIGNERS:
         raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
     matrix = ALIGNERS[aligner](fixed_points, moving_points, weights)
-    return Registration(matrix, fixed_points, moving_points, fit_residual(matrix, fixed_points, moving_points))
+    residual = fit_residual(matrix, fixed_points, moving_points)
+    return Registration(matrix, fixed_points, moving_points, residual, weights=weights)
+
+
+def fit_detected(fixed, moving, aligner: str = "affine", tps_lambda: float = 0.0) -> Registration:
+    """:func:`fit` of two :func:`detect` results (points and powers), power-weighted when the powers are there."""
+    (fixed_points, fixed_power), (moving_points, moving_power) = fixed, moving
+    weights = None if fixed_power is None else power_weights(fixed_power, moving_power)
+    return fit(fixed_points, moving_points, aligner, tps_lambda, weights)
 
 
 def register(
@@ -88,11 +128,14 @@ def register(
     moving_affine: torch.Tensor,
     aligner: str = "affine",
     tps_lambda: float = 0.0,
+    weighting: str = "uniform",
 ) -> Registration:
-    """Register network-grid images ``(B, 1, D, H, W)`` with grid affines ``(B, 4, 4)``: one detector pass on both."""
-    both = keypoints_world(network, torch.cat([fixed, moving]), torch.cat([fixed_affine, moving_affine]))
-    fixed_points, moving_points = both.split(len(fixed))
-    return fit(fixed_points, moving_points, aligner, tps_lambda)
+    """Register network-grid images ``(B, 1, D, H, W)`` with grid affines ``(B, 4, 4)``: one detector pass on both.
+    ``weighting`` is one of :data:`KEYPOINT_WEIGHTINGS` (see :func:`detect`)."""
+    points, power = detect(network, torch.cat([fixed, moving]), torch.cat([fixed_affine, moving_affine]), weighting)
+    fixed_points, moving_points = points.split(len(fixed))
+    fixed_power, moving_power = (None, None) if power is None else power.split(len(fixed))
+    return fit_detected((fixed_points, fixed_power), (moving_points, moving_power), aligner, tps_lambda)
 
 
 #: The four proper 180-degree turns of a network grid about its centre, as pairs of flipped array axes: the sign
@@ -120,6 +163,7 @@ def register_best_turn(
     moving_affine: torch.Tensor,
     aligner: str = "affine",
     accept_residual_mm: float = 0.0,
+    weighting: str = "uniform",
 ) -> Registration:
     """:func:`register` (affine, rigid or similarity), trying the moving grid in each of its four 180-degree turns
     (:data:`GRID_TURNS`) and keeping, per pair, the fit with the smallest keypoint residual.
@@ -127,29 +171,30 @@ def register_best_turn(
     A principal-axes frame can come out turned by 180 degrees when a third moment is nearly zero; the network then
     sees an unfamiliar pose and its keypoints stop agreeing, which the residual shows. With ``accept_residual_mm``
     > 0 the grid as it is goes first, and the other three turns are tried only when a pair's residual exceeds it
-    (the usual case then costs one detector pass on each image instead of five passes).
+    (the usual case then costs one detector pass on each image instead of five passes). ``weighting``: as in
+    :func:`register`.
     """
     fits, turns = [], GRID_TURNS
+    fixed_detected = detect(network, fixed, fixed_affine, weighting)
     if accept_residual_mm > 0:
-        first = register(network, fixed, fixed_affine, moving, moving_affine, aligner)
+        first = fit_detected(fixed_detected, detect(network, moving, moving_affine, weighting), aligner)
         if bool((first.residual <= accept_residual_mm).all()):
             return first
-        fixed_points, fits, turns = first.fixed_points, [first], GRID_TURNS[1:]
-    else:
-        fixed_points = keypoints_world(network, fixed, fixed_affine)
+        fits, turns = [first], GRID_TURNS[1:]
     candidates = [turned(moving, moving_affine, axes) for axes in turns]
     images = torch.cat([image for image, _ in candidates])
     affines = torch.cat([affine for _, affine in candidates])
-    fits += [
-        fit(fixed_points, points, aligner) for points in keypoints_world(network, images, affines).split(len(moving))
-    ]
+    points, power = detect(network, images, affines, weighting)
+    powers = [None] * len(turns) if power is None else power.split(len(moving))
+    fits += [fit_detected(fixed_detected, turn, aligner) for turn in zip(points.split(len(moving)), powers)]
     best = torch.stack([f.residual for f in fits]).argmin(0)  # (B,): the turn kept for each pair
     batch = torch.arange(len(moving))
     matrix, points, residual = (
         torch.stack([getattr(f, name) for f in fits])[best, batch]
         for name in ("fixed_to_moving", "moving_points", "residual")
     )
-    return Registration(matrix, fixed_points, points, residual)
+    weights = None if power is None else torch.stack([f.weights for f in fits])[best, batch]
+    return Registration(matrix, fixed_detected[0], points, residual, weights=weights)
 
 
 def warp_moving(
@@ -181,6 +226,7 @@ class KeyMorphInferer(Inferer):
             keypoints (:func:`register_best_turn`).
         turn_search_above_mm: with ``search_turns``, try the other turns only when the keypoint residual of the
             grid as it is exceeds this (mm); 0 always tries all four.
+        keypoint_weighting: "uniform" or "power" (:data:`KEYPOINT_WEIGHTINGS`): as the network was trained.
     """
 
     def __init__(
@@ -190,10 +236,14 @@ class KeyMorphInferer(Inferer):
         refine_iterations: int = 0,
         search_turns: bool = False,
         turn_search_above_mm: float = 0.0,
+        keypoint_weighting: str = "uniform",
     ):
         super().__init__()
         if aligner not in [*ALIGNERS, "tps"]:
             raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
+        if keypoint_weighting not in KEYPOINT_WEIGHTINGS:
+            raise ValueError(f"unknown keypoint weighting {keypoint_weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
+        self.keypoint_weighting = keypoint_weighting
         self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
         if search_turns and aligner == "tps":
             raise ValueError("search_turns works with the affine, rigid and similarity aligners, not tps")
@@ -209,11 +259,25 @@ class KeyMorphInferer(Inferer):
         fixed_affine, moving_affine = _batched_affine(fixed), _batched_affine(moving)
         if self.search_turns:
             registration = register_best_turn(
-                network, fixed_data, fixed_affine, moving_data, moving_affine, self.aligner, self.turn_search_above_mm
+                network,
+                fixed_data,
+                fixed_affine,
+                moving_data,
+                moving_affine,
+                self.aligner,
+                self.turn_search_above_mm,
+                self.keypoint_weighting,
             )
         else:
             registration = register(
-                network, fixed_data, fixed_affine, moving_data, moving_affine, self.aligner, self.tps_lambda
+                network,
+                fixed_data,
+                fixed_affine,
+                moving_data,
+                moving_affine,
+                self.aligner,
+                self.tps_lambda,
+                self.keypoint_weighting,
             )
         if self.refine_iterations and registration.spline is None:
             mask = fixed_data > 0 if fixed_mask is None else torch.as_tensor(fixed_mask)
@@ -232,7 +296,11 @@ class KeyMorphInferer(Inferer):
             matrix = torch.stack(refined)
             # the residual stays the keypoint fit's own: it measures how consistent the keypoints were
             registration = Registration(
-                matrix, registration.fixed_points, registration.moving_points, registration.residual
+                matrix,
+                registration.fixed_points,
+                registration.moving_points,
+                registration.residual,
+                weights=registration.weights,
             )
         return registration
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import logging
 import os
 
 import numpy as np
@@ -32,6 +33,8 @@ BRAIN_LABELS = (
     2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
     41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60,
 )  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LABEL_MAPS_DIR = os.path.join("..", "shared", "data", "label_maps")
 
@@ -292,6 +295,23 @@ def training_images(
         if not label_maps:
             raise KeyMorphInputError(f"{source}: no label maps of the {split} subjects {list(include)}")
     return kind, label_maps
+
+
+def can_validate(source: str, validation_subjects: list[str] | tuple[str, ...]) -> bool:
+    """Whether training on ``source`` can validate: there are validation subjects (see
+    :func:`scripts.datalists.subject_split`) and, for real images, every image of theirs has a label file (the
+    validation Dice needs them). Otherwise one warning line says why validation is skipped."""
+    if not validation_subjects:
+        logger.warning(f"{source}: no validation subjects; training without validation")
+        return False
+    try:
+        kind, images = training_images(source, "validation", include=list(validation_subjects))
+    except KeyMorphInputError:
+        return True  # the settings check reports the problem
+    unlabeled = [image["image"] for image in images if kind != "label_maps" and "label" not in image]
+    if unlabeled:
+        logger.warning(f"{unlabeled[0]}: a validation image without labels (no Dice); training without validation")
+    return not unlabeled
 
 
 def make_pair_dataset(

@@ -116,8 +116,10 @@ def test_pretraining_from_each_source(sources, source, tmp_path):
             sources[source],
             "--output_dir",
             str(output_dir),
-            "--held_out_subjects",
+            "--validation_subjects",
             HELD_OUT[source],
+            "--test_subjects",
+            "[]",
         )
     )
     assert_final_checkpoint(output_dir, process)

@@ -12,6 +12,7 @@ the tiny iterations ten times slower.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -118,8 +119,10 @@ def pretrained(heads, tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
             str(heads),
             "--output_dir",
             str(output_dir),
-            "--held_out_subjects",
+            "--validation_subjects",
             "['training_seg_03']",
+            "--test_subjects",
+            "[]",
             "--save_every",
             "2",
             "--seed",
@@ -309,6 +312,37 @@ def test_latest_checkpoint(tmp_path):
     (tmp_path / "checkpoint_iteration=14.pt").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
     with pytest.raises(KeyMorphInputError, match="not a PyTorch checkpoint"):
         latest_checkpoint(str(tmp_path))
+
+
+def test_the_best_model_stays_the_best_of_the_whole_run_across_resumes(tmp_path):
+    """Each saver is one process of a resumed run: a resumed run's first, worse validation must not replace the
+    best model of an earlier process; a better one must."""
+    from ignite.engine import Engine
+
+    from scripts.checkpoints import AtomicCheckpointSaver
+
+    def validate(weight: float, dice: float) -> None:
+        network = torch.nn.Linear(1, 1)
+        torch.nn.init.constant_(network.weight, weight)
+        validator = Engine(lambda engine, batch: None)
+        validator.state.metrics = {"val_dice": dice}
+        saver = AtomicCheckpointSaver(
+            str(tmp_path), {"model": network}, save_key_metric=True, key_metric_name="val_dice",
+            key_metric_filename="model_best.pt",
+        )  # fmt: skip
+        saver.attach(validator)
+        validator.run([0], max_epochs=1)
+
+    def best_weight() -> float:
+        return float(torch.load(tmp_path / "model_best.pt", weights_only=True)["weight"])
+
+    validate(1.0, 0.6)
+    assert best_weight() == 1.0
+    validate(2.0, 0.5)  # resumed, worse
+    assert best_weight() == 1.0
+    validate(3.0, 0.7)  # resumed, better
+    assert best_weight() == 3.0
+    assert json.loads((tmp_path / "model_best.json").read_text()) == {"score": 0.7}
 
 
 # ------------------------------------------------------------------------------------------------ multi-process
