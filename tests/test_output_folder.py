@@ -55,7 +55,11 @@ def test_case_names_that_leave_the_output_folder_touch_nothing_outside(tmp_path)
     assert process.returncode == 1 and not has_traceback(process), process.stderr[-3000:]
     assert sorted(os.listdir(victim)) == ["keep.txt"] and (victim / "keep.txt").read_text() == "precious"
     assert not (tmp_path / "elsewhere").exists()
-    assert sorted(os.listdir(output)) == ["good", "summary.csv"]  # no staging folder, no stray case folder
+    assert sorted(os.listdir(output)) == [
+        "good",
+        "index.html",
+        "summary.csv",
+    ]  # no staging folder, no stray case folder
     assert sorted(os.listdir(tmp_path)) == ["images", "model.pt", "out", "pairs.csv", "victim"]
     rows = read_summary(output)
     assert rows["good"]["status"] in ("ok", "suspect")
@@ -80,7 +84,7 @@ def test_an_input_named_like_the_summary_cannot_replace_it(tmp_path):
         assert rows["a"]["status"] in ("ok", "suspect")
         assert rows["summary.csv"]["status"] == "error"
         assert "summary.csv.nii.gz: case name 'summary.csv'" in rows["summary.csv"]["message"]
-        assert sorted(os.listdir(output)) == ["a", "summary.csv"]
+        assert sorted(os.listdir(output)) == ["a", "index.html", "summary.csv"]
 
 
 HOLD_LOCK = """
@@ -118,7 +122,11 @@ def test_a_second_run_into_a_held_folder_is_refused_with_the_pid(tmp_path):
     assert (output / LOCK_FILE).exists()
     process = run_bundle(*arguments)
     assert process.returncode == 0, process.stderr[-3000:]
-    assert sorted(os.listdir(output)) == ["a", "summary.csv"]  # the lock file goes with the run that held it
+    assert sorted(os.listdir(output)) == [
+        "a",
+        "index.html",
+        "summary.csv",
+    ]  # the lock file goes with the run that held it
 
 
 def test_run_lock_in_process(tmp_path):
