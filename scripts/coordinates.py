@@ -29,6 +29,8 @@ ITK stores physical points in LPS: ``T_itk = F T F`` with ``F = diag(-1, -1, 1, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -142,3 +144,46 @@ def resample_onto(
     grid = sampling_grid(fixed_to_moving[None], fixed_affine[None], moving_affine[None], fixed_shape, moving.shape[1:])
     warped = warp(moving[None].to(torch.float32), grid, mode=mode)[0]
     return warped.to(moving.dtype) if mode == "nearest" else warped
+
+
+def rotation_angle_deg(matrix: torch.Tensor) -> float:
+    """Net rotation angle in degrees (0..180) of a ``(4, 4)`` or ``(3, 3)`` matrix: the angle of the rotation factor
+    of the polar decomposition of its linear part (``L = Q P``, ``Q = U V^T`` from the SVD ``L = U S V^T``)."""
+    linear = torch.as_tensor(matrix, dtype=torch.float64)[:3, :3]
+    u, _, vh = torch.linalg.svd(linear)
+    rotation = u @ vh
+    cosine = ((torch.trace(rotation) - 1) / 2).clamp(-1.0, 1.0)
+    return math.degrees(math.acos(float(cosine)))
+
+
+def covering_grid_along(
+    frame: torch.Tensor, affine: torch.Tensor, spatial_shape, spacing
+) -> tuple[torch.Tensor, list[int]]:
+    """The grid whose axes run along the columns of ``frame`` (a ``(3, 3)`` rotation; identity: world-aligned) with
+    ``spacing`` mm (one value or three) that holds the whole field of view of an image (its voxel centres).
+
+    Args:
+        frame: ``(3, 3)`` unit world directions of the grid's axes i, j, k.
+        affine: ``(4, 4)`` voxel-to-world matrix of the image; ``spatial_shape``: its spatial shape.
+
+    Returns:
+        The grid's ``(4, 4)`` float64 voxel-to-world matrix and its spatial shape.
+    """
+    frame = torch.as_tensor(frame, dtype=torch.float64)
+    corners = torch.tensor(
+        [
+            [i, j, k]
+            for i in (0, spatial_shape[0] - 1)
+            for j in (0, spatial_shape[1] - 1)
+            for k in (0, spatial_shape[2] - 1)
+        ],
+        dtype=torch.float64,
+    )
+    along = apply_affine(torch.as_tensor(affine, dtype=torch.float64), corners) @ frame
+    low, high = along.min(0).values, along.max(0).values
+    step = torch.as_tensor(spacing, dtype=torch.float64).expand(3)
+    shape = [int(n) for n in torch.ceil((high - low) / step - 1e-6).long() + 1]
+    grid = torch.eye(4, dtype=torch.float64)
+    grid[:3, :3] = frame * step
+    grid[:3, 3] = frame @ low
+    return grid, shape

@@ -77,7 +77,7 @@ from monai.transforms import CropForeground, Identityd
 from torch.utils.data import Dataset
 
 from scripts.cli import workflow_step
-from scripts.coordinates import resample_onto
+from scripts.coordinates import covering_grid_along, resample_onto, rotation_angle_deg  # noqa: F401 (re-exported)
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
 from scripts.image_pairs import ImagePairDataset
@@ -156,16 +156,6 @@ def misalignment(
     return torch.from_numpy(matrix)
 
 
-def rotation_angle_deg(matrix: torch.Tensor) -> float:
-    """Net rotation angle in degrees (0..180) of a ``(4, 4)`` or ``(3, 3)`` matrix: the angle of the rotation factor
-    of the polar decomposition of its linear part (``L = Q P``, ``Q = U V^T`` from the SVD ``L = U S V^T``)."""
-    linear = torch.as_tensor(matrix, dtype=torch.float64)[:3, :3]
-    u, _, vh = torch.linalg.svd(linear)
-    rotation = u @ vh
-    cosine = ((torch.trace(rotation) - 1) / 2).clamp(-1.0, 1.0)
-    return math.degrees(math.acos(float(cosine)))
-
-
 def _moved(image: torch.Tensor, matrix: torch.Tensor) -> MetaTensor:
     """The same voxels with the voxel-to-world matrix ``matrix @ affine``: the content moved by ``matrix``, exactly."""
     moved = image.clone() if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
@@ -181,18 +171,7 @@ def resample_world_aligned(image: torch.Tensor, spacing: Sequence[float], mode: 
     the new grid's affine.
     """
     affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    shape = image.shape[1:]
-    corners = torch.tensor(
-        [[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)],
-        dtype=torch.float64,
-    )
-    world = corners @ affine[:3, :3].T + affine[:3, 3]
-    low, high = world.min(0).values, world.max(0).values
-    spacing = torch.as_tensor(spacing, dtype=torch.float64)
-    new_shape = [int(n) for n in torch.ceil((high - low) / spacing - 1e-6).long() + 1]
-    new_affine = torch.eye(4, dtype=torch.float64)
-    new_affine[:3, :3] = torch.diag(spacing)
-    new_affine[:3, 3] = low
+    new_affine, new_shape = covering_grid_along(torch.eye(3, dtype=torch.float64), affine, image.shape[1:], spacing)
     data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     resampled = resample_onto(data, affine, new_affine, new_shape, torch.eye(4, dtype=torch.float64), mode=mode)
     meta = dict(image.meta) if isinstance(image, MetaTensor) else {}

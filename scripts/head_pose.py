@@ -18,12 +18,12 @@ full-rotation augmentation (any pose, any contrast, with or without skull):
 
 The frame is a proper rotation ``U`` (3, 3) whose columns are the subject's right, anterior and superior
 directions in world coordinates (RAS mm, :mod:`scripts.coordinates`); ``U`` = identity for an upright head in a
-RAS scanner frame. :func:`upright_grid` builds a grid along those directions, on which the head looks upright.
+RAS scanner frame. :func:`scripts.coordinates.covering_grid_along` builds a grid along those directions, on
+which the head looks upright.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
@@ -143,34 +143,3 @@ def pose_from_parts(parts: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     up = towards_cerebrum - (towards_cerebrum @ front) * front
     up = up / up.norm()
     return torch.stack([torch.linalg.cross(front, up), front, up], dim=1)
-
-
-def rotation_angle_deg(rotation: torch.Tensor) -> float:
-    """Angle (degrees) of a rotation matrix ``(3, 3)``."""
-    cosine = ((torch.trace(rotation.to(torch.float64)) - 1) / 2).clamp(-1.0, 1.0)
-    return float(torch.rad2deg(torch.arccos(cosine)))
-
-
-def upright_grid(frame: torch.Tensor, affine: torch.Tensor, shape, spacing: float = 1.0) -> tuple[torch.Tensor, tuple]:
-    """A grid along the upright frame that holds the whole field of view of an image.
-
-    Args:
-        frame: ``(3, 3)`` upright frame (see :func:`pose_from_parts`); the grid's axes i, j, k run along its columns
-            (right, anterior, superior), so the head looks upright and RAS-ordered on it.
-        affine: ``(4, 4)`` voxel-to-world matrix of the image; ``shape``: its spatial shape.
-        spacing: voxel size of the grid (mm).
-
-    Returns:
-        The grid's ``(4, 4)`` voxel-to-world matrix and its spatial shape.
-    """
-    affine = affine.to(torch.float64)
-    frame = frame.to(torch.float64)
-    corners = torch.tensor(np.stack(np.meshgrid(*[[0, s - 1] for s in shape], indexing="ij"), -1).reshape(-1, 3))
-    world = apply_affine(affine, corners.to(torch.float64))
-    along = world @ frame  # coordinates along right, anterior, superior
-    low, high = along.min(0).values, along.max(0).values
-    size = tuple(int(n) for n in torch.ceil((high - low) / spacing).long() + 1)
-    grid = torch.eye(4, dtype=torch.float64)
-    grid[:3, :3] = frame * spacing
-    grid[:3, 3] = frame @ low
-    return grid, size

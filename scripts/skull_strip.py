@@ -23,9 +23,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
-from scripts.coordinates import resample_onto
+from scripts.coordinates import covering_grid_along, resample_onto, rotation_angle_deg
 from scripts.errors import KeyMorphInputError
-from scripts.head_pose import BrainPartsNet, pose_from_parts, rotation_angle_deg, to_head_grid, upright_grid
+from scripts.head_pose import BrainPartsNet, pose_from_parts, to_head_grid
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class SkullStripd(MapTransform):
         """deepbet on the image resampled onto a grid along its upright ``frame``; the mask back on the image grid."""
         affine = torch.from_numpy(affine)
         spacing = max(1.0, float(affine[:3, :3].norm(dim=0).min()))  # deepbet rescales to 256^3 voxels anyway
-        grid, shape = upright_grid(frame, affine, array.shape, spacing)
+        grid, shape = covering_grid_along(frame, affine, array.shape, spacing)
         identity = torch.eye(4, dtype=torch.float64)
         upright = resample_onto(torch.from_numpy(array)[None], affine, grid, shape, identity)[0]
         mask = self._run_deepbet(upright.numpy(), name)

@@ -13,7 +13,7 @@ import torch
 from scipy.spatial.transform import Rotation
 from synthetic_heads import write_label_maps_dir
 
-from scripts.coordinates import apply_affine
+from scripts.coordinates import apply_affine, covering_grid_along, rotation_angle_deg
 from scripts.head_pose import (
     HEAD_GRID_SIZE,
     HEAD_GRID_SPACING,
@@ -22,9 +22,7 @@ from scripts.head_pose import (
     head_grid,
     parts_from_labels,
     pose_from_parts,
-    rotation_angle_deg,
     to_head_grid,
-    upright_grid,
 )
 
 
@@ -70,11 +68,11 @@ def test_parts_of_freesurfer_labels():
     assert parts_from_labels(labels).tolist() == [PARTS.index(name) for name in expected]
 
 
-def test_upright_grid_holds_the_field_of_view_along_the_frame():
+def test_covering_grid_holds_the_field_of_view_along_the_frame():
     frame = torch.as_tensor(Rotation.from_euler("xyz", [30, -50, 120], degrees=True).as_matrix())
     affine = torch.tensor([[0.0, 0, 1.2, -40], [-1.0, 0, 0, 60], [0, 0.9, 0, -30], [0, 0, 0, 1]], dtype=torch.float64)
     shape = (50, 60, 40)
-    grid, size = upright_grid(frame, affine, shape, spacing=1.5)
+    grid, size = covering_grid_along(frame, affine, shape, spacing=1.5)
     assert torch.allclose(grid[:3, :3], frame * 1.5)
     corners = torch.tensor([[i, j, k] for i in (0, 49) for j in (0, 59) for k in (0, 39)], dtype=torch.float64)
     voxels = apply_affine(torch.linalg.inv(grid), apply_affine(affine, corners))
