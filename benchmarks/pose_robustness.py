@@ -49,6 +49,7 @@ import time
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from scipy import ndimage
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,14 +163,14 @@ def make_cases(
             scored = original * (array > 0)  # scored labels: the subject's own anatomy where the image shows it
             for kind in kinds:
                 name = f"s{index}_{contrast}_{condition}_r{int(angle)}_{kind}"
-                image = MetaLike(head, move @ affine)
-                label = MetaLike(scored, move @ affine)
+                image = MetaTensor(torch.from_numpy(head)[None], affine=move @ affine)
+                label = MetaTensor(torch.from_numpy(scored)[None], affine=move @ affine)
                 if kind == "voxel":
-                    image = MetaLike.of(resample_world_aligned(image.tensor(), [spacing] * 3))
-                    label = MetaLike.of(resample_world_aligned(label.tensor(), [spacing] * 3, mode="nearest"))
+                    image = resample_world_aligned(image, [spacing] * 3)
+                    label = resample_world_aligned(label, [spacing] * 3, mode="nearest")
                 moving_path = os.path.join(work_dir, f"{name}.nii.gz")
-                _save(moving_path, image.array, image.affine, np.float32)
-                _save(moving_path.replace(".nii.gz", "_labels.nii.gz"), label.array, label.affine, np.int16)
+                _save(moving_path, image[0].numpy(), image.affine, np.float32)
+                _save(moving_path.replace(".nii.gz", "_labels.nii.gz"), label[0].numpy(), label.affine, np.int16)
                 for pair in pairs:
                     fixed_index = index if pair == "same" else (index + 1) % len(subjects)
                     cases.append(
@@ -186,22 +187,6 @@ def make_cases(
                         }
                     )
     return cases
-
-
-class MetaLike:
-    """An array with its voxel-to-world matrix (a light stand-in for writing and resampling)."""
-
-    def __init__(self, array, affine):
-        self.array, self.affine = np.asarray(array), torch.as_tensor(affine, dtype=torch.float64)
-
-    def tensor(self):
-        from monai.data import MetaTensor
-
-        return MetaTensor(torch.from_numpy(self.array)[None], affine=self.affine)
-
-    @classmethod
-    def of(cls, image) -> "MetaLike":
-        return cls(image[0].numpy(), image.affine)
 
 
 def run_inference(cases: list[dict], output_dir: str, settings: list[str]) -> None:
@@ -222,8 +207,6 @@ def run_inference(cases: list[dict], output_dir: str, settings: list[str]) -> No
 
 
 def _load(path: str, label: bool = False):
-    from monai.data import MetaTensor
-
     image = nib.load(path)
     data = np.asarray(image.dataobj, dtype=np.int32 if label else np.float32)
     return MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(image.affine, dtype=torch.float64))
