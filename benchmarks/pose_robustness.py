@@ -28,7 +28,7 @@ with the DEFAULT settings (``--setting`` overrides one, e.g. ``skull_strip=none`
 ``affine_ras.txt`` it wrote. A case FAILS when its mean error exceeds 5 mm or its Dice is below 0.3.
 
 The brain extraction itself is scored separately (``mask_dice.csv``): the moving images' brain masks from
-:class:`scripts.skull_strip.SkullStripd` as inference configures it (head pose first) and from plain deepbet,
+:class:`scripts.skull_strip.SkullStripd` as inference configures it (deepbet, the brain's pose, deepbet again upright) and from deepbet alone,
 against the label map's brain, per angle, with the seconds per image.
 
 Outputs in ``--output_dir``: ``cases.csv``, ``mask_dice.csv``, ``summary.md`` (failure rate, Dice and error per
@@ -242,15 +242,13 @@ def score(cases: list[dict], output_dir: str) -> list[dict]:
     return rows
 
 
-def mask_scores(cases: list[dict], pose_weights: str) -> list[dict]:
-    """Brain-mask Dice and seconds of each moving image with plain deepbet, and with the head pose first when its
-    weights ``pose_weights`` exist."""
+def mask_scores(cases: list[dict]) -> list[dict]:
+    """Brain-mask Dice and seconds of each moving image with deepbet alone and as inference runs it (with the
+    brain's pose and, when turned, deepbet again on an upright view)."""
     from scripts.image_io import load_volume
     from scripts.skull_strip import SkullStripd
 
-    strippers = {"deepbet": SkullStripd()}
-    if os.path.isfile(pose_weights):
-        strippers["pose+deepbet"] = SkullStripd(pose_weights=pose_weights)
+    strippers = {"deepbet": SkullStripd(head_pose=False), "deepbet+pose": SkullStripd(head_pose=True)}
     rows, seen = [], set()
     for case in cases:
         if case["moving"] in seen or case["condition"] != "full":
@@ -383,7 +381,7 @@ def main(argv=None) -> int:
         run_inference(cases, args.work_dir, args.setting)
         rows = score(cases, args.work_dir)
         _write_csv(os.path.join(args.output_dir, "cases.csv"), rows)
-    mask_rows = mask_scores(cases, os.path.join(BUNDLE_ROOT, "models", "head_pose.pt"))
+    mask_rows = mask_scores(cases)
     _write_csv(os.path.join(args.output_dir, "mask_dice.csv"), mask_rows)
     text = summary_markdown(rows, mask_rows, args.setting)
     with open(os.path.join(args.output_dir, "summary.md"), "w") as handle:

@@ -379,6 +379,7 @@ def check_inference_settings(
     overwrite=False,
     header_only=False,
     search_turns=True,
+    head_pose=True,
     refine_iterations: int = 0,
     turn_search_above_mm: float = 0.0,
     bundle_root: str | None = None,
@@ -396,7 +397,7 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``header_only``, ``search_turns``, ``refine_iterations``, ``turn_search_above_mm``, network
+    ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
@@ -429,6 +430,7 @@ def check_inference_settings(
         as_bool(overwrite, "overwrite")
         as_bool(header_only, "header_only")
         as_bool(search_turns, "search_turns")
+        as_bool(head_pose, "head_pose")
     except KeyMorphInputError as error:
         fail(str(error))
     problem = (

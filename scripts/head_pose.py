@@ -1,145 +1,224 @@
-"""Where is up? The pose of a head (or brain) in any orientation, from a coarse segmentation of brain parts.
+"""Where is up? The pose of a brain in any orientation, by a global search against the MNI152 brain.
 
-Brain extraction networks (deepbet) are trained on upright heads and fail on turned ones (brain-mask Dice 0.96
-upright, 0.87 at 30 degrees, 0.6-0.8 from 45 degrees on), and the moments of a brain mask cannot tell up from
-down reliably on an imperfect mask. So the pose comes first, from a small network trained in this bundle with
-full-rotation augmentation (any pose, any contrast, with or without skull):
+deepbet, the brain extractor, was trained on upright heads. Turned about an oblique axis, a whole head loses it
+(brain-mask Dice 0.96 upright, 0.87 at 30 degrees, 0.77-0.80 from 45 degrees on); turned by half or quarter turns
+about the array axes it does not (0.91-0.96 at 90 and 180 degrees about R, A or S). Its rough mask of a turned head
+still holds most of the brain, though, and a brain (unlike a whole head) has a pose that mutual information finds
+reliably against a brain template. So :class:`scripts.skull_strip.SkullStripd` runs deepbet, finds the pose of
+what deepbet kept with :class:`HeadPoseSearch`, and runs deepbet again on a view turned upright when the pose is
+oblique. No trained weights: the search is FSL FLIRT's recipe, a rigid transform that maximises the normalised
+mutual information (NMI) between the MNI152 2009 T1 brain (nilearn's, the bundle's default atlas) and the image:
 
-1. the image is resampled onto a coarse head grid: :data:`HEAD_GRID_SIZE`^3 voxels of :data:`HEAD_GRID_SPACING`
-   mm along the world (RAS) axes, centred on the image foreground's centre of mass (no pose assumed);
-2. :class:`BrainPartsNet` labels each voxel as one of :data:`PARTS`: background, cerebrum, the posterior fossa
-   (cerebellum and brain stem) or other brain (CSF, ventricles, midline structures). Left and right hemispheres are
-   one class: a brain is nearly its own mirror image, so a network cannot tell them apart in an arbitrary pose
-   (trained with both, it plateaued), and a proper rotation needs only two axes;
-3. :func:`pose_from_parts` turns the parts into an upright frame: front = the cerebrum's longest principal axis
-   (1.4-2 times the next in the 16 SynthSeg maps), pointing away from the posterior fossa; up = the part of the
-   direction from the posterior fossa to the cerebrum perpendicular to front (the posterior fossa lies behind and
-   below the cerebrum, on the midline); right = front x up.
+1. the template (its brain plus a :data:`TEMPLATE_MARGIN_MM` margin of background) and the image are box-averaged
+   onto coarse grids (:data:`LEVEL_SPACINGS`, 8 then 4 mm); intensities are put in :data:`BINS` bins between their
+   1st and 99th percentiles; a fixed random sample of template voxels is compared with the image interpolated
+   where the transform puts them (outside the image: background);
+2. ``starts`` rotations drawn uniformly from all 3-D rotations (a fixed seed: the same image gives the same pose),
+   about the image's foreground centre, are scored at 8 mm;
+3. the best ``keep`` of them that are more than 45 degrees apart are refined by a shrinking random local search
+   (rotation and translation) at 8 mm, then at 4 mm; the best at 4 mm wins.
 
-The frame is a proper rotation ``U`` (3, 3) whose columns are the subject's right, anterior and superior
-directions in world coordinates (RAS mm, :mod:`scripts.coordinates`); ``U`` = identity for an upright head in a
-RAS scanner frame. :func:`scripts.coordinates.covering_grid_along` builds a grid along those directions, on
-which the head looks upright.
+Mutual information needs no model of the contrast: T1, T2, PD and FLAIR brains all work. On whole heads the same
+search is unreliable (the brain template settles on the head's outline and confuses the brain's axes), hence
+deepbet first. The registration resolves the brain's orientation again afterwards (the turn search of
+:mod:`scripts.registration`); the pose here only needs to be close enough for deepbet.
+
+The frame ``U`` ``(3, 3)`` is a proper rotation whose columns are the subject's right, anterior and superior
+directions in world coordinates (RAS mm, :mod:`scripts.coordinates`): the template's axes carried into the image's
+world. ``U`` = identity for a brain upright in an RAS scanner frame. :func:`scripts.coordinates.covering_grid_along`
+builds a grid along ``U``, on which the brain looks upright.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import UNet
+from scipy.spatial.transform import Rotation
 
-from scripts.coordinates import apply_affine, resample_onto
+from scripts.coordinates import apply_affine, rotation_angle_deg, voxel_to_normalized, warp
 
-#: Coarse grid the parts network sees: 64^3 voxels of 4 mm (a 256 mm cube holds any head in any pose).
-HEAD_GRID_SIZE = 64
-HEAD_GRID_SPACING = 4.0
-
-#: Output classes of the parts network.
-PARTS = ("background", "cerebrum", "posterior_fossa", "other_brain")
-
-#: FreeSurfer labels of each part (other brain labels 1..499 are "other_brain"; extra-cerebral labels background).
-_CEREBRUM = (2, 3, 10, 11, 12, 13, 17, 18, 26, 28, 41, 42, 49, 50, 51, 52, 53, 54, 58, 60)
-_POSTERIOR_FOSSA = (7, 8, 46, 47, 15, 16)
-
-
-def parts_from_labels(labels: torch.Tensor) -> torch.Tensor:
-    """FreeSurfer label map (any shape, integers) -> part indices of :data:`PARTS` (int64, same shape)."""
-    parts = torch.zeros(labels.shape, dtype=torch.int64)
-    parts[(labels > 0) & (labels < 500)] = PARTS.index("other_brain")
-    for name, values in (("cerebrum", _CEREBRUM), ("posterior_fossa", _POSTERIOR_FOSSA)):
-        parts[torch.isin(labels, torch.tensor(values, dtype=labels.dtype))] = PARTS.index(name)
-    return parts
+#: Coarse grid spacings (mm) of the search: the global stage runs on the first, the last decides.
+LEVEL_SPACINGS = (8.0, 4.0)
+#: Background kept around the template brain (mm): a scalp or skull must have somewhere to fall.
+TEMPLATE_MARGIN_MM = 24.0
+#: Intensity bins of the joint histogram, per image.
+BINS = 16
+# Local search per level: rounds, proposals per candidate and round, first step (rotation degrees, translation
+# mm); each round shrinks the steps by _SHRINK.
+_LOCAL_SEARCH = {8.0: (10, 24, 20.0, 20.0), 4.0: (6, 16, 6.0, 6.0)}
+_SHRINK = 0.75
+# Starts closer than this (degrees) are one candidate.
+_DISTINCT_DEG = 45.0
 
 
-class BrainPartsNet(UNet):
-    """A small 3-D U-Net: image ``(B, 1, 64, 64, 64)`` in [0, 1] -> part logits ``(B, 4, 64, 64, 64)``."""
+def box_average(image: torch.Tensor, affine: torch.Tensor, spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average an image ``(D, H, W)`` over boxes of about ``spacing`` mm; returns the coarse image and its affine.
 
-    def __init__(self, channels: tuple = (16, 32, 64, 128)):
-        super().__init__(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=len(PARTS),
-            channels=tuple(channels),
-            strides=(2,) * (len(channels) - 1),
-            num_res_units=0,
-            norm="instance",
-        )
+    The box is a whole number of voxels per axis (at least 1); a coarse voxel's centre is its box's centre.
+    """
+    affine = affine.to(torch.float64)
+    factors = [max(1, int(round(spacing / float(s)))) for s in affine[:3, :3].norm(dim=0)]
+    values = torch.nan_to_num(image.to(torch.float32))
+    values = F.avg_pool3d(values[None, None], kernel_size=factors, stride=factors, ceil_mode=True)[0, 0]
+    scale = torch.tensor(factors, dtype=torch.float64)
+    coarse = affine.clone()
+    coarse[:3, :3] = affine[:3, :3] * scale
+    coarse[:3, 3] = apply_affine(affine, ((scale - 1) / 2)[None])[0]
+    return values, coarse
+
+
+def intensity_bins(values: torch.Tensor) -> torch.Tensor:
+    """Intensities scaled to bin units (float32, same shape): [0, :data:`BINS`) from the 1st to the 99th
+    percentile, clipped; the bin of a value is its integer part."""
+    flat = values.flatten()
+    low, high = torch.quantile(flat[:: max(1, flat.numel() // 200_000)], torch.tensor([0.01, 0.99]))
+    return ((values - low) / (high - low).clamp(min=1e-8) * BINS).clamp(0, BINS - 1e-3)
+
+
+def foreground(image: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (same shape) of the voxels brighter than 10 % of the image's 99th percentile: the head (or the
+    brain) of any MR contrast, whose background is dark."""
+    flat = image.flatten()
+    return image > 0.1 * torch.quantile(flat[:: max(1, flat.numel() // 200_000)].to(torch.float32), 0.99)
 
 
 def foreground_centre(image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """World centre ``(3,)`` of the voxels brighter than 10 % of the image's 99th percentile (head or brain).
-
-    Args:
-        image: ``(D, H, W)`` intensities of any unit; background dark, as in any MR scan.
-        affine: ``(4, 4)`` voxel-to-world matrix.
-    """
-    values = torch.nan_to_num(image.to(torch.float32))
-    stride = max(1, int(round(min(values.shape) / 64)))  # ~64^3 samples are plenty for a centre
-    sampled = values[::stride, ::stride, ::stride]
-    threshold = 0.1 * torch.quantile(sampled.flatten()[:: max(1, sampled.numel() // 200_000)], 0.99)
-    voxels = torch.nonzero(sampled > threshold).to(torch.float64) * stride
+    """World centre ``(3,)`` of the :func:`foreground` of an image ``(D, H, W)`` with voxel-to-world ``affine``."""
+    voxels = torch.nonzero(foreground(image)).to(torch.float64)
     if len(voxels) == 0:
-        voxels = torch.tensor([[(s - 1) / 2 for s in values.shape]], dtype=torch.float64)
+        voxels = torch.tensor([[(s - 1) / 2 for s in image.shape]], dtype=torch.float64)
     return apply_affine(affine.to(torch.float64), voxels).mean(0)
 
 
-def head_grid(centre: torch.Tensor) -> torch.Tensor:
-    """``(4, 4)`` voxel-to-world matrix of the coarse head grid: RAS axes, 4 mm voxels, centred on ``centre``."""
-    grid = torch.diag(torch.tensor([HEAD_GRID_SPACING] * 3 + [1.0], dtype=torch.float64))
-    grid[:3, 3] = centre.to(torch.float64) - HEAD_GRID_SPACING * (HEAD_GRID_SIZE - 1) / 2
-    return grid
+class _Level:
+    """The template at one spacing: a fixed sample of its voxels (world points, bins); the image, once set."""
+
+    def __init__(self, template: torch.Tensor, affine: torch.Tensor, spacing: float, points: int, seed: int):
+        values, affine = box_average(template, affine, spacing)
+        brain = torch.nonzero(values > 0.05 * values.max())
+        margin = int(round(TEMPLATE_MARGIN_MM / spacing))
+        low = (brain.min(0).values - margin).clamp(min=0)
+        high = brain.max(0).values + margin + 1
+        box = values[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+        voxels = torch.stack(torch.meshgrid(*[torch.arange(n) for n in box.shape], indexing="ij"), -1).reshape(-1, 3)
+        chosen = torch.from_numpy(np.random.RandomState(seed).permutation(len(voxels))[:points])
+        world = apply_affine(affine, (voxels[chosen] + low).to(torch.float64))
+        self.points = torch.cat([world, torch.ones(len(world), 1, dtype=torch.float64)], 1).to(torch.float32)
+        self.template_bins = intensity_bins(box).flatten()[chosen].long()
+        self.spacing = spacing
+
+    def set_image(self, image: torch.Tensor, affine: torch.Tensor) -> None:
+        values, coarse = box_average(image, affine, self.spacing)
+        self.image_bins = intensity_bins(values)[None, None]
+        # image world -> PyTorch grid coordinates (normalized, reversed axis order) of the coarse image
+        to_grid = voxel_to_normalized(values.shape) @ torch.linalg.inv(coarse)
+        self.world_to_grid = to_grid[[2, 1, 0, 3]]
+
+    def nmi(self, matrices: torch.Tensor) -> torch.Tensor:
+        """NMI ``(N,)`` of ``N`` template-to-image world matrices ``(N, 4, 4)``: (H(T) + H(I)) / H(T, I)."""
+        to_grid = (self.world_to_grid @ matrices)[:, :3].to(torch.float32)
+        grid = torch.einsum("nij,pj->npi", to_grid, self.points)
+        # the image interpolated at each template point (outside the image: bin 0, background), then binned
+        image_bins = warp(self.image_bins, grid.reshape(1, -1, 1, 1, 3), mode="bilinear").view(len(matrices), -1)
+        joint = torch.zeros(len(matrices), BINS * BINS)
+        joint.scatter_add_(1, self.template_bins * BINS + image_bins.long(), torch.ones(image_bins.shape))
+        joint = joint.view(-1, BINS, BINS) / self.points.shape[0]
+
+        def entropy(p: torch.Tensor) -> torch.Tensor:
+            return -(p * torch.log(p.clamp(min=1e-12))).flatten(1).sum(1)
+
+        return (entropy(joint.sum(2)) + entropy(joint.sum(1))) / entropy(joint)
 
 
-def normalise_intensity(image: torch.Tensor) -> torch.Tensor:
-    """Map the 0.5th-99.5th percentiles of an image to [0, 1] (clipped), as the synthesis and the bundle do."""
-    flat = image.flatten()
-    low, high = torch.quantile(flat[:: max(1, flat.numel() // 500_000)], torch.tensor([0.005, 0.995]))
-    return ((image - low) / (high - low).clamp(min=1e-8)).clamp(0, 1)
-
-
-def to_head_grid(image: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample an image ``(D, H, W)`` onto its coarse head grid: returns ``(64, 64, 64)`` in [0, 1] and the grid.
-
-    Voxels finer than the grid are averaged first (box filter of the spacing ratio), so thin structures do not
-    alias; the rest is one trilinear resampling through world coordinates.
-    """
-    affine = affine.to(torch.float64)
-    values = torch.nan_to_num(image.to(torch.float32))
-    spacing = affine[:3, :3].norm(dim=0)
-    factors = [max(1, int(HEAD_GRID_SPACING / float(s))) for s in spacing]
-    if any(f > 1 for f in factors):
-        values = F.avg_pool3d(values[None, None], kernel_size=factors, stride=factors, ceil_mode=True)[0, 0]
-        scale = torch.tensor(factors, dtype=torch.float64)
-        pooled = affine.clone()
-        pooled[:3, :3] = affine[:3, :3] * scale
-        pooled[:3, 3] = apply_affine(affine, ((scale - 1) / 2)[None])[0]
-        affine = pooled
-    grid = head_grid(foreground_centre(values, affine))
-    identity = torch.eye(4, dtype=torch.float64)
-    resampled = resample_onto(values[None], affine, grid, (HEAD_GRID_SIZE,) * 3, identity)[0]
-    return normalise_intensity(resampled), grid
-
-
-def pose_from_parts(parts: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """The upright frame ``U`` ``(3, 3)`` (columns: right, anterior, superior in world RAS) of a parts map.
+class HeadPoseSearch:
+    """The upright frame of a head or brain in any pose (see the module docstring).
 
     Args:
-        parts: ``(D, H, W)`` part indices (:data:`PARTS`) on the grid ``grid`` (``(4, 4)`` voxel-to-world).
-
-    Raises:
-        ValueError: a part needed for the pose (the cerebrum, the posterior fossa) is missing.
+        template: ``(D, H, W)`` the MNI152 T1 brain (0 outside the brain) and ``template_affine`` its ``(4, 4)``
+            voxel-to-world matrix.
+        starts: rotations tried at the coarsest level.
+        keep: candidates refined.
+        points: template voxels sampled per level.
+        seed: seed of the starts, the samples and the local search (the result is deterministic).
     """
-    points = {}
-    for name in ("cerebrum", "posterior_fossa"):
-        voxels = torch.nonzero(parts == PARTS.index(name)).to(torch.float64)
-        if len(voxels) < 8:
-            raise ValueError(f"no {name.replace('_', ' ')} found")
-        points[name] = apply_affine(grid, voxels)
-    cerebrum = points["cerebrum"].mean(0)
-    towards_cerebrum = cerebrum - points["posterior_fossa"].mean(0)
-    centred = points["cerebrum"] - cerebrum
-    _, vectors = torch.linalg.eigh(centred.T @ centred)
-    front = vectors[:, 2] if vectors[:, 2] @ towards_cerebrum >= 0 else -vectors[:, 2]
-    up = towards_cerebrum - (towards_cerebrum @ front) * front
-    up = up / up.norm()
-    return torch.stack([torch.linalg.cross(front, up), front, up], dim=1)
+
+    def __init__(
+        self,
+        template: torch.Tensor,
+        template_affine: torch.Tensor,
+        starts: int = 300,
+        keep: int = 6,
+        points: int = 10_000,
+        seed: int = 0,
+    ):
+        template, template_affine = torch.as_tensor(template), torch.as_tensor(template_affine, dtype=torch.float64)
+        self.levels = [_Level(template, template_affine, s, points, seed) for s in LEVEL_SPACINGS]
+        self.template_centre = foreground_centre(*box_average(template, template_affine, LEVEL_SPACINGS[-1]))
+        self.starts = torch.from_numpy(Rotation.random(starts, random_state=seed).as_matrix())
+        self.keep, self.seed = keep, seed
+
+    @classmethod
+    def mni152(cls, **kwargs) -> "HeadPoseSearch":
+        """The search against the MNI152 2009 T1 brain at 1 mm that nilearn ships (the default atlas)."""
+        from nilearn.datasets import load_mni152_template
+
+        template = load_mni152_template(resolution=1)
+        values = torch.from_numpy(np.asarray(template.dataobj, dtype=np.float32))
+        return cls(values, torch.from_numpy(np.asarray(template.affine, dtype=np.float64)), **kwargs)
+
+    def __call__(self, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+        """The frame ``U`` ``(3, 3)`` float64 of an image ``(D, H, W)`` with voxel-to-world ``affine`` ``(4, 4)``."""
+        affine = torch.as_tensor(affine, dtype=torch.float64)
+        for level in self.levels:
+            level.set_image(image, affine)
+        centre = foreground_centre(*box_average(image, affine, LEVEL_SPACINGS[0]))
+        rotations = self.starts
+        shifts = centre.expand(len(rotations), 3)
+        scores = self.levels[0].nmi(self.matrices(rotations, shifts))
+        chosen = self._distinct_best(rotations, scores)
+        rotations, shifts = rotations[chosen], shifts[chosen]
+        rng = np.random.RandomState(self.seed)
+        for level in self.levels:
+            rotations, shifts, scores = self._refine(level, rotations, shifts, rng)
+        return rotations[int(scores.argmax())]
+
+    def matrices(self, rotations: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Template-to-image world matrices ``(N, 4, 4)``: ``x -> R (x - c) + t``, c the template's centre."""
+        matrices = torch.eye(4, dtype=torch.float64).repeat(len(rotations), 1, 1)
+        matrices[:, :3, :3] = rotations
+        matrices[:, :3, 3] = shifts - rotations @ self.template_centre
+        return matrices
+
+    def _distinct_best(self, rotations: torch.Tensor, scores: torch.Tensor) -> list[int]:
+        """Indices of the ``keep`` best-scoring rotations, each more than 45 degrees from the better ones."""
+        chosen: list[int] = []
+        for index in scores.argsort(descending=True).tolist():
+            if all(rotation_angle_deg(rotations[index] @ rotations[other].T) > _DISTINCT_DEG for other in chosen):
+                chosen.append(index)
+            if len(chosen) == self.keep:
+                break
+        return chosen
+
+    def _refine(self, level: _Level, rotations: torch.Tensor, shifts: torch.Tensor, rng: np.random.RandomState):
+        """Random local search of each candidate at one level: each round tries random steps around each
+        candidate, keeps the best if it scores higher, and shrinks the steps. Returns rotations, shifts, scores."""
+        rounds, proposals, degrees, millimetres = _LOCAL_SEARCH[level.spacing]
+        count = len(rotations)
+        scores = level.nmi(self.matrices(rotations, shifts))
+        for _ in range(rounds):
+            turns = rng.normal(size=(count * proposals, 3)) * np.deg2rad(degrees) / np.sqrt(3)
+            tried_rotations = torch.from_numpy(Rotation.from_rotvec(turns).as_matrix()) @ rotations.repeat_interleave(
+                proposals, 0
+            )
+            moves = rng.normal(size=(count * proposals, 3)) * millimetres / np.sqrt(3)
+            tried_shifts = shifts.repeat_interleave(proposals, 0) + torch.from_numpy(moves)
+            tried = level.nmi(self.matrices(tried_rotations, tried_shifts)).view(count, proposals)
+            best, which = tried.max(1)
+            better = best > scores
+            picked = torch.arange(count) * proposals + which
+            rotations = torch.where(better[:, None, None], tried_rotations[picked], rotations)
+            shifts = torch.where(better[:, None], tried_shifts[picked], shifts)
+            scores = torch.where(better, best, scores)
+            degrees, millimetres = degrees * _SHRINK, millimetres * _SHRINK
+        return rotations, shifts, scores

@@ -46,8 +46,8 @@ OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
     "skull_strip": ("how the moving brains are found: deepbet (whole-head scans), mask (--mask_dir), none", BACKENDS),
     "fixed_skull_strip": ("the same for the fixed image (the default atlas is brain-extracted)", BACKENDS),
     "mask_dir": ("with --skull_strip mask: the brain mask of NAME.nii.gz is MASK_DIR/NAME.nii.gz", None),
-    "head_pose_ckpt": (
-        "weights of the head-pose network: deepbet then sees turned heads upright (none ship yet)",
+    "head_pose": (
+        "with deepbet: measure the pose of the brain it finds and run it again on an upright view of a turned head",
         None,
     ),
     "device": ("torch device of the network and deepbet (default: cuda when available, else cpu)", None),

@@ -23,20 +23,33 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
-from scripts.coordinates import covering_grid_along, resample_onto, rotation_angle_deg
+from scripts.coordinates import apply_affine, covering_grid_along, resample_onto, rotation_angle_deg
 from scripts.errors import KeyMorphInputError
-from scripts.head_pose import BrainPartsNet, pose_from_parts, to_head_grid
+from scripts.head_pose import HeadPoseSearch, foreground
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("deepbet", "mask", "none")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
+# Room around the head in the upright view deepbet sees again (mm).
+UPRIGHT_VIEW_MARGIN_MM = 10.0
 # Affines that differ by less than this (mm) describe the same grid.
 _GRID_ATOL_MM = 1e-4
 
 
 def _source_name(image: torch.Tensor) -> str:
     return str(image.meta.get("filename_or_obj", "<image>")) if isinstance(image, MetaTensor) else "<image>"
+
+
+def _outer_faces(array: np.ndarray) -> list[np.ndarray]:
+    """The six outermost voxel layers of a 3-D array."""
+    return [array[index] for axis in range(3) for index in _face_indices(axis, array.ndim)]
+
+
+def _face_indices(axis: int, ndim: int) -> tuple:
+    first, last = [slice(None)] * ndim, [slice(None)] * ndim
+    first[axis], last[axis] = 0, -1
+    return tuple(first), tuple(last)
 
 
 def _one_line(error: BaseException) -> str:
@@ -61,13 +74,13 @@ class SkullStripd(MapTransform):
       fills holes. No resampling to 1 mm is done: deepbet itself rescales the whole image to 128^3 voxels to
       find the brain's bounding box and that box to 256^3 voxels for the segmentation, per axis, so the voxel
       spacing never reaches the networks (Dice to the MNI152 brain stays 0.97-0.98 from 0.7 to 3 mm and at
-      1 x 1 x 4 mm). deepbet was trained on upright heads and fails on turned ones (mask Dice 0.96 upright,
-      0.87 at 30 degrees, 0.6-0.8 beyond 45), so with ``pose_weights`` the head's pose is found first
-      (:mod:`scripts.head_pose`, any orientation): when the head is turned by more than ``upright_tolerance``
-      degrees from the image's array axes, deepbet runs on the image resampled onto an upright grid and the mask
-      comes back onto the image grid through world coordinates (trilinear, > 0.5). Otherwise (and without
-      ``pose_weights``) a non-RAS image is reoriented to RAS for deepbet and the mask is oriented back, without
-      interpolation.
+      1 x 1 x 4 mm). A non-RAS image is reoriented to RAS for deepbet and the mask is oriented back, without
+      interpolation. deepbet was trained on upright heads and fails on obliquely turned ones (mask Dice 0.96
+      upright, 0.87 at 30 degrees, 0.77-0.80 beyond 45), so with ``head_pose`` the pose of the brain deepbet
+      found is measured (:mod:`scripts.head_pose`, any orientation): when it is turned by more than
+      ``upright_tolerance`` degrees from the image's array axes, deepbet runs again on the image resampled onto
+      a grid along the brain's axes, and that mask comes back onto the image grid through world coordinates
+      (trilinear, > 0.5).
     * ``"mask"``: a mask file given by ``data[mask_path_key]`` (NIfTI, any orientation and grid). It is
       reoriented to RAS; if its grid then differs from the image grid it is resampled onto it through world
       coordinates (the two affines) with nearest neighbour. Voxels above ``threshold`` are brain.
@@ -87,7 +100,7 @@ class SkullStripd(MapTransform):
         threshold: float = 0.5,
         allow_missing_keys: bool = False,
         device: str | torch.device | None = None,
-        pose_weights: str | None = None,
+        head_pose: bool = True,
         upright_tolerance: float = 10.0,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -101,14 +114,14 @@ class SkullStripd(MapTransform):
         self.threshold = float(threshold)
         self.device = torch.device("cpu" if device is None else device)
         self._extractor = None  # deepbet.bet.BrainExtraction, loaded on first use
-        self.pose_weights, self.upright_tolerance = pose_weights, float(upright_tolerance)
-        self._pose_net = None  # scripts.head_pose.BrainPartsNet, loaded on first use
+        self.head_pose, self.upright_tolerance = bool(head_pose), float(upright_tolerance)
+        self._pose_search = None  # scripts.head_pose.HeadPoseSearch, built on first use
         self._lock = threading.Lock()  # deepbet keeps per-call state (the bounding box) on the extractor
 
     def __getstate__(self) -> dict:
         # TorchScript models and locks do not pickle; DataLoader workers reload the model lazily.
         state = self.__dict__.copy()
-        state["_extractor"], state["_lock"], state["_pose_net"] = None, None, None
+        state["_extractor"], state["_lock"], state["_pose_search"] = None, None, None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -163,29 +176,11 @@ class SkullStripd(MapTransform):
             self._extractor = extractor
         return self._extractor
 
-    def _load_pose_net(self) -> BrainPartsNet:
-        """The brain-parts network of :mod:`scripts.head_pose` with ``pose_weights``, loaded once."""
-        if self._pose_net is None:
-            if not os.path.isfile(self.pose_weights):
-                raise KeyMorphInputError(f"{self.pose_weights}: head-pose weights not found (head_pose_ckpt)")
-            network = BrainPartsNet()
-            network.load_state_dict(torch.load(self.pose_weights, map_location="cpu", weights_only=True))
-            self._pose_net = network.to(self.device).eval()
-        return self._pose_net
-
-    def upright_frame(self, array: np.ndarray, affine: np.ndarray, name: str) -> torch.Tensor | None:
-        """The head's upright frame ``(3, 3)`` (columns: right, anterior, superior in world RAS), or None when no
-        ``pose_weights`` are set or the parts network finds no brain (deepbet then runs as without them)."""
-        if self.pose_weights is None:
-            return None
-        coarse, grid = to_head_grid(torch.from_numpy(array), torch.from_numpy(affine))
-        with torch.no_grad():
-            logits = self._load_pose_net()(coarse[None, None].to(self.device))
-        try:
-            return pose_from_parts(logits[0].argmax(0).cpu(), grid)
-        except ValueError as error:
-            logger.warning(f"{name}: head pose not found ({error}); brain extraction assumes an upright head")
-            return None
+    def _load_pose_search(self) -> HeadPoseSearch:
+        """The head-pose search of :mod:`scripts.head_pose` against the MNI152 brain, built once."""
+        if self._pose_search is None:
+            self._pose_search = HeadPoseSearch.mni152()
+        return self._pose_search
 
     def _run_deepbet(self, array: np.ndarray, name: str) -> np.ndarray:
         """deepbet's boolean mask of a RAS-ordered array."""
@@ -200,34 +195,46 @@ class SkullStripd(MapTransform):
                 raise KeyMorphInputError(f"{name}: deepbet found no brain ({_one_line(error)})") from error
 
     def _deepbet_mask(self, image: MetaTensor, name: str) -> torch.Tensor:
-        """Boolean brain mask ``(D, H, W)`` from deepbet, on an upright view of the head when it is turned."""
+        """Boolean brain mask ``(D, H, W)`` from deepbet, again on an upright view when the brain is turned."""
         array = np.nan_to_num(image.as_tensor()[0].detach().to(device="cpu", dtype=torch.float32).numpy())
         if float(array.max()) == float(array.min()):
             raise KeyMorphInputError(f"{name}: the image is constant ({float(array.max())}); no brain to extract")
         affine = np.asarray(image.affine, dtype=np.float64)
         orientation = nib.io_orientation(affine)
         to_ras = nib.orientations.ornt_transform(orientation, _RAS)
-        frame = self.upright_frame(array, affine, name)
-        if frame is not None:
+        ras = nib.orientations.apply_orientation(array, to_ras)
+        from_ras = nib.orientations.ornt_transform(_RAS, orientation)
+        mask = np.ascontiguousarray(nib.orientations.apply_orientation(self._run_deepbet(ras, name), from_ras))
+        if self.head_pose:
+            frame = self._load_pose_search()(torch.from_numpy(array * mask), torch.from_numpy(affine))
             # the array axes after reorientation to RAS, as unit world directions
             ras_axes = affine[:3, :3] @ nib.orientations.inv_ornt_aff(to_ras, array.shape)[:3, :3]
             ras_axes = torch.from_numpy(ras_axes / np.linalg.norm(ras_axes, axis=0))
             if rotation_angle_deg(ras_axes.T @ frame) > self.upright_tolerance:
                 return self._upright_deepbet_mask(array, affine, frame, name)
-        ras = nib.orientations.apply_orientation(array, to_ras)
-        mask = self._run_deepbet(ras, name)
-        from_ras = nib.orientations.ornt_transform(_RAS, orientation)
-        mask = np.ascontiguousarray(nib.orientations.apply_orientation(mask, from_ras))
         return torch.from_numpy(mask.astype(bool))
 
     def _upright_deepbet_mask(self, array: np.ndarray, affine: np.ndarray, frame: torch.Tensor, name: str):
-        """deepbet on the image resampled onto a grid along its upright ``frame``; the mask back on the image grid."""
+        """deepbet on a view of the image along the brain's upright ``frame``; the mask back on the image grid.
+
+        The view covers the head (:func:`scripts.head_pose.foreground`) with :data:`UPRIGHT_VIEW_MARGIN_MM` around
+        it, and where it leaves the image it is filled with the image's own background level (the median of its
+        outer voxel layer): a dark field-of-view edge across the view would look like a head outline to deepbet.
+        """
         affine = torch.from_numpy(affine)
-        spacing = max(1.0, float(affine[:3, :3].norm(dim=0).min()))  # deepbet rescales to 256^3 voxels anyway
-        grid, shape = covering_grid_along(frame, affine, array.shape, spacing)
+        voxel_sizes = affine[:3, :3].norm(dim=0)
+        spacing = max(1.0, float(voxel_sizes.min()))  # deepbet rescales to 256^3 voxels anyway
+        margin = np.ceil(UPRIGHT_VIEW_MARGIN_MM / voxel_sizes.numpy()).astype(int)
+        head = np.argwhere(foreground(torch.from_numpy(array)).numpy())
+        low = np.maximum(head.min(0) - margin, 0)
+        high = np.minimum(head.max(0) + margin + 1, array.shape)
+        box = affine.clone()
+        box[:3, 3] = apply_affine(affine, torch.from_numpy(low).to(torch.float64)[None])[0]
+        grid, shape = covering_grid_along(frame, box, tuple(high - low), spacing)
+        background = float(np.median(np.concatenate([np.ravel(face) for face in _outer_faces(array)])))
         identity = torch.eye(4, dtype=torch.float64)
-        upright = resample_onto(torch.from_numpy(array)[None], affine, grid, shape, identity)[0]
-        mask = self._run_deepbet(upright.numpy(), name)
+        upright = resample_onto(torch.from_numpy(array - background)[None], affine, grid, shape, identity)[0]
+        mask = self._run_deepbet((upright + background).numpy(), name)
         back = resample_onto(torch.from_numpy(mask.astype(np.float32))[None], grid, affine, array.shape, identity)
         return back[0] > 0.5
 
