@@ -237,7 +237,7 @@ class KeyMorphRunner:
         import nibabel as nib
         import torch
 
-        from scripts.coordinates import resample_onto
+        from scripts.coordinates import affine_of, resample_onto
         from scripts.image_io import save_volume
         from scripts.qc import qc_scores
         from scripts.registration import warp_moving
@@ -253,8 +253,8 @@ class KeyMorphRunner:
             warp_moving(
                 registration,
                 moving_net.as_tensor(),
-                torch.as_tensor(fixed_net.affine, dtype=torch.float64).reshape(1, 4, 4),
-                torch.as_tensor(moving_net.affine, dtype=torch.float64).reshape(1, 4, 4),
+                affine_of(fixed_net)[None],
+                affine_of(moving_net)[None],
                 fixed_net.shape[2:],
             )
             compute = time.perf_counter() - compute_start
@@ -264,7 +264,7 @@ class KeyMorphRunner:
         fixed_file = nib.load(fixed_path)
         registered = resample_onto(
             original.as_tensor(),
-            torch.as_tensor(original.affine, dtype=torch.float64),
+            affine_of(original),
             torch.from_numpy(np.asarray(fixed_file.affine, dtype=np.float64)),
             fixed_file.shape[:3],
             matrix,
@@ -1382,8 +1382,7 @@ def worker_environment(threads: int) -> dict:
 
 def check_settings(settings: dict, args: argparse.Namespace) -> dict[str, str]:
     """Exit with one line on a setting that would fail later; returns the label maps ``{subject: path}``."""
-    from scripts.cli import fail
-    from scripts.errors import KeyMorphInputError
+    from scripts.errors import KeyMorphInputError, fail
     from scripts.evaluation import held_out_label_maps, parse_modality_pair
 
     try:
@@ -1473,7 +1472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker, json.loads(args.worker_settings or "{}"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from scripts.cli import fail
+    from scripts.errors import fail
 
     settings = resolve_settings(args)
     label_maps = check_settings(settings, args)

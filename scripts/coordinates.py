@@ -38,6 +38,19 @@ import torch.nn.functional as F
 RAS_LPS_FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
 
 
+def affine_of(image) -> torch.Tensor:
+    """The ``(4, 4)`` float64 voxel-to-world matrix of an image (a MetaTensor, or anything with an ``affine``:
+    a nibabel image); the identity for a plain tensor. For a batched MetaTensor, MONAI's ``(B, 4, 4)``."""
+    return torch.as_tensor(image.affine if hasattr(image, "affine") else torch.eye(4), dtype=torch.float64)
+
+
+def batched_affine(image) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 voxel-to-world matrices of a batched ``(B, C, D, H, W)`` MetaTensor (MONAI keeps one
+    ``(4, 4)`` or ``(B, 4, 4)``)."""
+    affine = affine_of(image)
+    return affine.expand(image.shape[0], 4, 4) if affine.ndim == 2 else affine
+
+
 def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply ``(B, 4, 4)`` (or ``(4, 4)``) homogeneous matrices to ``(B, N, 3)`` points; returns ``(B, N, 3)``."""
     return points @ matrix[..., :3, :3].transpose(-1, -2) + matrix[..., None, :3, 3]
@@ -101,6 +114,11 @@ def sampling_grid(
     out_dtype = torch.float32 if fixed_to_moving.dtype == torch.float64 else fixed_to_moving.dtype
     size = [batch, 1, *[int(s) for s in fixed_shape]]
     return F.affine_grid(theta[:, :3, :].to(out_dtype), size, align_corners=True)
+
+
+def world_to_voxel(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """World points ``(B, N, 3)`` (or ``(N, 3)``) to voxel indices of the grid of voxel-to-world ``affine``."""
+    return apply_affine(torch.linalg.inv(affine), points)
 
 
 def voxel_grid_world(affine: torch.Tensor, spatial_shape) -> torch.Tensor:

@@ -76,12 +76,17 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import CropForeground, Identityd
 from torch.utils.data import Dataset
 
-from scripts.cli import workflow_step
-from scripts.coordinates import covering_grid_along, resample_onto, rotation_angle_deg  # noqa: F401 (re-exported)
+from scripts.coordinates import (  # noqa: F401 (re-exported)
+    affine_of,
+    covering_grid_along,
+    resample_onto,
+    rotation_angle_deg,
+)
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
-from scripts.errors import KeyMorphInputError
+from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
 from scripts.image_pairs import ImagePairDataset
 from scripts.metrics import brain_voxel_error, mean_dice
+from scripts.settings_checks import writable_folder_problem
 from scripts.synthesis import CONTRAST_PRESETS, SynthesizeImaged, load_label_map
 from scripts.training_data import find_label_maps
 from scripts.transform_io import write_atomically
@@ -159,7 +164,7 @@ def misalignment(
 def _moved(image: torch.Tensor, matrix: torch.Tensor) -> MetaTensor:
     """The same voxels with the voxel-to-world matrix ``matrix @ affine``: the content moved by ``matrix``, exactly."""
     moved = image.clone() if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
-    moved.affine = matrix @ torch.as_tensor(moved.affine, dtype=torch.float64)
+    moved.affine = matrix @ affine_of(moved)
     return moved
 
 
@@ -170,7 +175,7 @@ def resample_world_aligned(image: torch.Tensor, spacing: Sequence[float], mode: 
     ``mode`` "bilinear" (intensities) or "nearest" (masks, labels: dtype kept). Returns the resampled MetaTensor with
     the new grid's affine.
     """
-    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    affine = affine_of(image)
     new_affine, new_shape = covering_grid_along(torch.eye(3, dtype=torch.float64), affine, image.shape[1:], spacing)
     data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     resampled = resample_onto(data, affine, new_affine, new_shape, torch.eye(4, dtype=torch.float64), mode=mode)
@@ -320,7 +325,7 @@ class RobustnessDataset(Dataset):
             if key in moving:
                 moving[key] = _moved(moving[key], move)
         if self.resample_moving:
-            spacing = torch.as_tensor(base["moving"]["image"].affine, dtype=torch.float64)[:3, :3].norm(dim=0)
+            spacing = affine_of(base["moving"]["image"])[:3, :3].norm(dim=0)
             moving["image"] = resample_world_aligned(moving["image"], spacing, "bilinear")
             moving["mask"] = resample_world_aligned(moving["mask"], spacing, "nearest")
         moving.update(self._framed(moving))
@@ -408,7 +413,7 @@ class SyntheticRobustnessDataset(RobustnessDataset):
 
 class ImageRobustnessDataset(RobustnessDataset):
     """Cases of real images: an IXI folder or a CSV datalist (:mod:`scripts.datalists`), prepared once as in
-    training (:meth:`scripts.image_pairs.ImagePairDataset.prepare`: RAS, [0, 1] intensities, brain mask from the
+    training (:class:`scripts.image_pairs.ImagePreparation`: RAS, [0, 1] intensities, brain mask from the
     mask file or ``skull_strip``, labels onto the image grid, ``spacing`` mm, cropped to the brain).
 
     A same-subject pair takes one subject's images of the two modalities (one image against itself when the
@@ -627,8 +632,8 @@ def score_case(case: dict, matrix: torch.Tensor) -> tuple[float, float]:
         target = fixed["label"]
         warped = resample_onto(
             moving["label"].as_tensor(),
-            torch.as_tensor(moving["label"].affine, dtype=torch.float64),
-            torch.as_tensor(target.affine, dtype=torch.float64),
+            affine_of(moving["label"]),
+            affine_of(target),
             target.shape[1:],
             matrix,
             mode="nearest",
@@ -695,7 +700,7 @@ class RobustnessEvaluator(SupervisedEvaluator):
             if torch.device(self.state.device).type == "cuda":
                 torch.cuda.synchronize()
         except Exception as error:  # one failing case (an external tool crashing) must not stop the sweep
-            reason = str(error).splitlines()[0] if str(error) else ""
+            reason = first_line(str(error))
             status = f"failed: {type(error).__name__}: {reason}"
         seconds = time.perf_counter() - start
         if status == "ok" and (matrix.shape != (4, 4) or not torch.isfinite(matrix).all()):
@@ -909,8 +914,6 @@ def check_evaluation_settings(
     rotations: Sequence[float] = (),
 ) -> None:
     """Check, before any work starts, what would otherwise fail late: exits with one line on the first problem."""
-    from scripts.cli import fail
-
     if not callable(method) and method not in METHODS:
         fail(f"--method {method!r} is not one of {', '.join(METHODS)}")
     try:
@@ -931,19 +934,14 @@ def check_evaluation_settings(
         fail(str(error))
     if method == "keymorph" and not os.path.isfile(ckpt_path):
         fail(f"{ckpt_path}: model weights not found (--ckpt_path)")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as error:
-        fail(f"{output_dir}: cannot create the output folder ({error.strerror})")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"{output_dir}: output folder is not writable")
+    problem = writable_folder_problem(output_dir)
+    if problem:
+        fail(problem)
 
 
 @workflow_step
 def run_evaluation(evaluator: RobustnessEvaluator) -> None:
     """Run the sweep; a :class:`KeyMorphInputError` (bad data or setting) exits 2 with one line."""
-    from scripts.cli import fail
-
     try:
         evaluator.run()
     except KeyMorphInputError as error:

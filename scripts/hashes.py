@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.cli import fail
+from scripts.errors import fail
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 LARGE_FILES = "large_files.yml"
@@ -61,21 +61,42 @@ def entry_for(bundle_root: str | os.PathLike = BUNDLE_ROOT, path: str = WEIGHTS)
     raise KeyError(f"{path} has no entry in {Path(bundle_root, LARGE_FILES)}")
 
 
-def check_file(bundle_root: str | os.PathLike, entry: dict) -> None:
-    """Raise :class:`HashMismatch` (one line) unless ``entry``'s file exists and matches its ``hash_val``."""
-    path, expected, hash_type = entry["path"], str(entry["hash_val"] or ""), entry["hash_type"] or "sha256"
+def recorded_entry(bundle_root: str | os.PathLike, file: str | os.PathLike) -> dict | None:
+    """The ``large_files.yml`` entry of ``file`` (any path to it: the same real file) with a ``hash_val`` set, or
+    None when ``file`` is none of its files, its hash is not set or ``large_files.yml`` cannot be read."""
+    try:
+        entries = large_files(bundle_root)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+    target = os.path.realpath(file)
+    for entry in entries:
+        if not entry.get("path") or not entry.get("hash_val"):
+            continue
+        if os.path.realpath(os.path.join(bundle_root, str(entry["path"]))) == target:
+            return entry
+    return None
+
+
+def check_file(bundle_root: str | os.PathLike, entry: dict, shown: str | None = None) -> None:
+    """Raise :class:`HashMismatch` (one line starting with ``shown``, by default the entry's path) unless
+    ``entry``'s file exists and matches its ``hash_val``."""
+    path, expected, hash_type = entry["path"], str(entry["hash_val"] or "").strip(), entry["hash_type"] or "sha256"
+    shown = path if shown is None else shown
     full = Path(bundle_root, path)
     if not expected:
-        raise HashMismatch(f"{path}: large_files.yml has no hash_val; run `python -m scripts.hashes update`")
+        raise HashMismatch(f"{shown}: large_files.yml has no hash_val; run `python -m scripts.hashes update`")
     if not full.is_file():
         raise HashMismatch(
-            f"{path}: missing; fetch it with `python -m monai.bundle download_large_files --bundle_path {bundle_root}`"
+            f"{shown}: missing; fetch it with `python -m monai.bundle download_large_files --bundle_path {bundle_root}`"
         )
-    actual = file_hash(full, hash_type)
+    try:
+        actual = file_hash(full, hash_type)
+    except (OSError, ValueError) as error:
+        raise HashMismatch(f"{shown}: cannot compute its {hash_type} ({error})") from error
     if actual != expected.lower():
         raise HashMismatch(
-            f"{path}: {hash_type} {actual} does not match large_files.yml ({expected}); delete the file and run "
-            "`python -m monai.bundle download_large_files` to get the published weights, or, if these are newly "
+            f"{shown}: {hash_type} {actual} does not match large_files.yml ({expected}); delete the file and run "
+            f"`python -m monai.bundle download_large_files --bundle_path {bundle_root}` to get the published weights, or, if these are newly "
             "trained weights, record them with `python -m scripts.hashes update`"
         )
 

@@ -33,7 +33,7 @@ from monai.transforms import (
 from monai.utils.type_conversion import convert_to_dst_type
 from tqdm import tqdm
 
-from scripts.coordinates import resample_onto
+from scripts.coordinates import affine_of, resample_onto
 from scripts.image_io import LoadVolumed, load_volume
 from scripts.random_draws import RandomDrawDataset
 from scripts.skull_strip import SkullStripd
@@ -61,8 +61,8 @@ def load_label_on_grid(path: str, image: MetaTensor) -> MetaTensor:
     """Read a label map, reorient it to RAS and bring it onto ``image``'s grid (nearest neighbour, through world
     coordinates) when it lies on another; returns ``(1, D, H, W)`` int32 with ``image``'s affine."""
     label = Orientation(axcodes="RAS", labels=None)(load_volume(path))
-    label_affine = torch.as_tensor(label.affine, dtype=torch.float64)
-    image_affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    label_affine = affine_of(label)
+    image_affine = affine_of(image)
     shape = tuple(image.shape[1:])
     if tuple(label.shape[1:]) != shape or not torch.allclose(label_affine, image_affine, atol=_GRID_ATOL_MM):
         identity = torch.eye(4, dtype=torch.float64)
@@ -114,7 +114,7 @@ class ImagePreparation:
             modes.append("nearest")
         if self.spacing is not None:
             image = item["image"]
-            blurred = _anti_alias(image.as_tensor(), torch.as_tensor(image.affine, dtype=torch.float64), self.spacing)
+            blurred = _anti_alias(image.as_tensor(), affine_of(image), self.spacing)
             item["image"] = convert_to_dst_type(blurred, image)[0]
             item = Spacingd(keys, pixdim=self.spacing, mode=modes, padding_mode="zeros")(item)
         item["mask"] = (item["mask"] > 0.5).to(torch.uint8)
@@ -197,10 +197,6 @@ class ImagePairDataset(RandomDrawDataset):
         self.subjects = list(by_subject.values())
         self.world = world_transforms(self.datalist)
         self.cache = self.preparation.prepare_all(self.datalist)
-
-    def prepare(self, entry: dict) -> dict:
-        """The kept form of one datalist entry (see :class:`ImagePreparation`)."""
-        return self.preparation(entry)
 
     def __len__(self) -> int:
         return self.length

@@ -52,8 +52,8 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import apply_transform
 
 from scripts.cli import as_bool, optional
-from scripts.coordinates import resample_onto
-from scripts.errors import KeyMorphInputError
+from scripts.coordinates import affine_of, resample_onto
+from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
 from scripts.image_io import header_moved, is_label_map, is_nifti, load_volume, save_volume
 from scripts.output_folder import (
     INDEX_FILE,
@@ -136,11 +136,6 @@ def case_done(output_dir: str, name: str, extra=()) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
 
 
-def _one_line(error: BaseException | str) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 def _source(item: dict) -> str:
     """The moving image's path of a dataset item, before or after preprocessing (then a MetaTensor)."""
     image = item.get("original", item["image"])
@@ -163,7 +158,7 @@ def _naming(error: BaseException, path: str) -> str:
     written as ``\\n``, so the reason after it is kept)."""
     error = _unwrap(error)
     shown = printable(path)
-    reason = _one_line(str(error).replace(path, shown) if path else error)
+    reason = first_line(str(error).replace(path, shown) if path else error)
     if isinstance(error, KeyMorphInputError):
         return reason if shown in reason else f"{shown}: {reason}"
     return f"{shown}: {type(error).__name__}" + (f": {reason}" if reason else "")
@@ -295,7 +290,7 @@ class RegistrationDataset(Dataset):
             with open(pairs_csv, newline="", encoding="utf-8-sig") as handle:
                 rows = list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise KeyMorphInputError(f"{pairs_csv}: cannot read the pairs CSV ({_one_line(error)})") from None
+            raise KeyMorphInputError(f"{pairs_csv}: cannot read the pairs CSV ({first_line(error)})") from None
         if not rows or not {"moving", "fixed"} <= set(rows[0]):
             raise KeyMorphInputError(f"{pairs_csv}: needs a header with the columns 'moving' and 'fixed'")
         items = []
@@ -613,11 +608,7 @@ class RegistrationWriter:
         fixed_file = nib.load(fixed["image"].meta["filename_or_obj"])
         fixed_affine = torch.from_numpy(np.asarray(fixed_file.affine, dtype=np.float64))
         registered = resample_onto(
-            moving_volume.as_tensor(),
-            torch.as_tensor(moving_volume.affine, dtype=torch.float64),
-            fixed_affine,
-            fixed_file.shape[:3],
-            matrix,
+            moving_volume.as_tensor(), affine_of(moving_volume), fixed_affine, fixed_file.shape[:3], matrix
         )[0]
         save_volume(os.path.join(folder, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
         for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
@@ -658,7 +649,7 @@ class RegistrationWriter:
         voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8 0/1."""
         native = resample_onto(
             mask.as_tensor().cpu(),
-            torch.as_tensor(mask.affine, dtype=torch.float64),
+            affine_of(mask),
             torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
             moving_file.shape[:3],
             torch.eye(4, dtype=torch.float64),
@@ -671,7 +662,7 @@ class RegistrationWriter:
         """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
         (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
         volume = load_volume(path, require_contrast=False)
-        moving_affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+        moving_affine = affine_of(volume)
         if not is_label_map(path):
             warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]
             save_volume(target, warped.numpy(), fixed_file, np.float32)
@@ -716,3 +707,17 @@ class RegistrationWriter:
                 f" taking files during the run; {total} input(s) this run: {parts or 'none'}"
             )
         logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")
+
+
+@workflow_step
+def run_registration(evaluator) -> None:
+    """Run the inference evaluator; exit 1 when any input failed (saying how many), 2 on a bad setting."""
+    try:
+        evaluator.run()
+    except KeyMorphInputError as error:
+        fail(str(error))
+    counts = getattr(evaluator.state, "registration_counts", {})
+    failed = counts.get("error", 0)
+    if failed:
+        summary = os.path.join(getattr(evaluator, "output_dir", "."), "summary.csv")
+        fail(f"{failed} of {sum(counts.values())} input(s) failed; see {summary} for each message", code=1)

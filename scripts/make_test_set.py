@@ -51,10 +51,9 @@ import torch
 from monai.transforms import CropForeground
 from tqdm import tqdm
 
-from scripts.cli import fail
-from scripts.coordinates import apply_affine, resample_onto
+from scripts.coordinates import affine_of, apply_affine, resample_onto
 from scripts.datalists import TRANSFORM_COLUMNS, TRANSFORMS_CSV, read_transforms_csv
-from scripts.errors import KeyMorphInputError
+from scripts.errors import KeyMorphInputError, fail
 from scripts.image_io import save_volume
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map, synthesize
 from scripts.training_data import find_label_maps
@@ -147,7 +146,7 @@ def make_subject(
         )
         images[modality] = again["image"]
 
-    affine = torch.as_tensor(anatomy.affine, dtype=torch.float64)
+    affine = affine_of(anatomy)
     brain = first["mask"][0] > 0.5
     centre = apply_affine(affine, torch.nonzero(brain).to(torch.float64)).mean(0)
     rng = np.random.RandomState(int(seeds[-1]))

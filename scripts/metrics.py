@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scripts.coordinates import apply_affine
+from scripts.coordinates import affine_of, apply_affine, world_to_voxel
 from scripts.training_data import BRAIN_LABELS
 
 
@@ -33,7 +33,7 @@ def brain_voxel_error(predicted: torch.Tensor, truth: torch.Tensor, masks: list[
     errors = []
     for i, mask in enumerate(masks):
         voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-        points = apply_affine(torch.as_tensor(mask.affine, dtype=torch.float64), voxels)
+        points = apply_affine(affine_of(mask), voxels)
         difference = apply_affine(predicted[i].cpu().double(), points) - apply_affine(truth[i].cpu().double(), points)
         errors.append(difference.norm(dim=-1).mean())
     return torch.stack(errors)
@@ -71,7 +71,7 @@ def grid_frame_points(points: torch.Tensor, grid_affine: torch.Tensor) -> torch.
     :data:`GRID_AXES`; origin at the grid's first voxel), for grids with voxel-to-world matrices ``(B, 4, 4)``."""
     affine = grid_affine.to(torch.float64)
     spacing = affine[:, :3, :3].norm(dim=1)  # (B, 3): column norms, the voxel size along each grid axis
-    return apply_affine(torch.linalg.inv(affine), points.to(torch.float64)) * spacing[:, None, :]
+    return world_to_voxel(affine, points.to(torch.float64)) * spacing[:, None, :]
 
 
 def spread_scalars(points: torch.Tensor, grid_affine: torch.Tensor, radius_mm: float = 5.0) -> dict[str, float]:

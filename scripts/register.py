@@ -27,10 +27,10 @@ import torch
 import yaml
 
 from scripts.api import INFERENCE_CONFIG, inference_workflow, run_workflow
-from scripts.cli import INFERENCE_ALIGNERS, fail
-from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError
+from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError, fail
 from scripts.image_io import default_atlas_path, is_nifti
 from scripts.inference import case_name
+from scripts.settings_checks import INFERENCE_ALIGNERS
 from scripts.skull_strip import BACKENDS
 
 #: The settings of configs/inference.yaml that this command sets from its own arguments, not from an option.
@@ -198,7 +198,7 @@ def write_inputs_csv(path: str, movings: Sequence[str], fixed: str, apply_to: st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns 0, or exits through :func:`scripts.cli.fail` (one line; 1: inputs failed, 2: a
+    """Run the command; returns 0, or exits through :func:`scripts.errors.fail` (one line; 1: inputs failed, 2: a
     wrong setting or input)."""
     args = build_parser().parse_args(argv)
     settings = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}

@@ -15,7 +15,14 @@ import torch.nn as nn
 from monai.inferers import Inferer
 
 from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
-from scripts.coordinates import apply_affine, sampling_grid, voxel_grid_world, warp, world_points_to_grid
+from scripts.coordinates import (
+    apply_affine,
+    batched_affine,
+    sampling_grid,
+    voxel_grid_world,
+    warp,
+    world_points_to_grid,
+)
 from scripts.refinement import refine_affine
 
 
@@ -256,7 +263,7 @@ class KeyMorphInferer(Inferer):
         the refinement measures similarity."""
         fixed_data = fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed
         moving_data = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
-        fixed_affine, moving_affine = _batched_affine(fixed), _batched_affine(moving)
+        fixed_affine, moving_affine = batched_affine(fixed), batched_affine(moving)
         if self.search_turns:
             registration = register_best_turn(
                 network,
@@ -303,9 +310,3 @@ class KeyMorphInferer(Inferer):
                 weights=registration.weights,
             )
         return registration
-
-
-def _batched_affine(image: torch.Tensor) -> torch.Tensor:
-    """``(B, 4, 4)`` float64 affine of a batched MetaTensor (MONAI keeps ``(4, 4)`` or ``(B, 4, 4)``)."""
-    affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    return affine.expand(image.shape[0], 4, 4) if affine.ndim == 2 else affine

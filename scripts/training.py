@@ -17,7 +17,8 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
-from scripts.coordinates import apply_affine
+from scripts.coordinates import affine_of, apply_affine
+from scripts.errors import fail
 from scripts.metrics import brain_voxel_error, grid_frame_points, mean_dice, spread_scalars
 from scripts.registration import keypoints_world, register, warp_moving
 from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
@@ -30,7 +31,8 @@ def _stack(items: list[dict], key: str) -> torch.Tensor:
 
 
 def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
-    return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
+    """``(B, 4, 4)`` float64 voxel-to-world matrices of the ``key`` images of a list of items."""
+    return torch.stack([affine_of(item[key]) for item in items])
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
@@ -79,8 +81,6 @@ def exit_if_stopped(engine: Engine) -> None:
     :func:`_optimizer_step`): a stopped run must not look finished."""
     reason = getattr(engine.state, "stop_reason", None)
     if reason:
-        from scripts.cli import fail
-
         fail(f"training stopped at {reason}; the newest checkpoint holds the last good weights", code=1)
 
 
@@ -99,7 +99,7 @@ def brain_spread(mask) -> torch.Tensor:
     """``(3,)`` float64 standard deviation in mm of a network-grid brain mask ``(1, D, H, W)`` (a MetaTensor with
     the grid's affine) along the grid's axes: how far keypoints can spread along each of the brain's own axes."""
     voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-    spacing = torch.as_tensor(mask.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
+    spacing = affine_of(mask)[:3, :3].norm(dim=0)
     return voxels.std(dim=0) * spacing
 
 
@@ -128,7 +128,7 @@ def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
     """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
     voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
     voxels = voxels[:: max(1, len(voxels) // count)]
-    return apply_affine(torch.as_tensor(mask.affine, dtype=torch.float64), voxels)
+    return apply_affine(affine_of(mask), voxels)
 
 
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:

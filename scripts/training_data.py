@@ -36,8 +36,6 @@ BRAIN_LABELS = (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LABEL_MAPS_DIR = os.path.join("..", "shared", "data", "label_maps")
-
 
 def true_fixed_to_moving(pair: dict) -> torch.Tensor:
     """``(4, 4)`` float64 fixed-to-moving world matrix of a same-subject pair (both moved by known affines)."""

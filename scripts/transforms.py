@@ -21,14 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy.ndimage import gaussian_filter
 
-from scripts.coordinates import apply_affine, sampling_grid, warp
+from scripts.coordinates import affine_of, apply_affine, sampling_grid, warp
 from scripts.errors import KeyMorphInputError
-
-
-def _affine(image: torch.Tensor) -> torch.Tensor:
-    """The float64 voxel-to-world matrix of a MetaTensor (identity for a plain tensor)."""
-    affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
-    return torch.as_tensor(affine, dtype=torch.float64)
 
 
 def _source_name(image: torch.Tensor) -> str:
@@ -47,7 +41,7 @@ def brain_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
         centre,
         ``(N, 3)`` float64, kept for the sign choice of the principal axes.
     """
-    affine = _affine(mask)
+    affine = affine_of(mask)
     # moments of a lattice of about 2 mm are as good for placing a grid and 8x cheaper on a 1 mm mask
     stride = [max(1, int(2.0 / float(s))) for s in affine[:3, :3].norm(dim=0)]
     sampled = torch.as_tensor(mask[0])[:: stride[0], :: stride[1], :: stride[2]]
@@ -154,7 +148,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
         """The sampling grid from the source grid (shared by all keys) onto the frame."""
         shape = (self.spatial_size,) * 3
         return sampling_grid(
-            torch.eye(4, dtype=torch.float64)[None], frame[None], _affine(source)[None], shape, source.shape[1:]
+            torch.eye(4, dtype=torch.float64)[None], frame[None], affine_of(source)[None], shape, source.shape[1:]
         )
 
     def _sample(
@@ -162,7 +156,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
     ) -> MetaTensor:
         data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         if anti_alias:
-            data = _anti_alias(data.to(torch.float32), _affine(image), self.spacing)
+            data = _anti_alias(data.to(torch.float32), affine_of(image), self.spacing)
         warped = warp(data[None].to(torch.float32), grid, mode=mode)[0]
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         meta.pop("affine", None)
@@ -232,12 +226,12 @@ def random_affine_matrix(
 def image_center(image: torch.Tensor) -> torch.Tensor:
     """World coordinates ``(3,)`` of the centre of an image's field of view."""
     middle = torch.tensor([(s - 1) / 2 for s in image.shape[1:]], dtype=torch.float64)
-    return apply_affine(_affine(image), middle[None])[0]
+    return apply_affine(affine_of(image), middle[None])[0]
 
 
 def field_of_view(image: torch.Tensor) -> torch.Tensor:
     """Extent ``(3,)`` in mm of an image's field of view along its voxel axes."""
-    return _affine(image)[:3, :3].norm(dim=0) * torch.tensor(image.shape[1:], dtype=torch.float64)
+    return affine_of(image)[:3, :3].norm(dim=0) * torch.tensor(image.shape[1:], dtype=torch.float64)
 
 
 class RandWorldAffined(RandomizableTransform, MapTransform):
@@ -299,7 +293,7 @@ class RandWorldAffined(RandomizableTransform, MapTransform):
         for key in keys:
             moved = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
             moved = moved.clone()
-            moved.affine = self.matrix @ _affine(moved)
+            moved.affine = self.matrix @ affine_of(moved)
             d[key] = moved
         for key in self.point_keys:
             if key in d:
@@ -316,4 +310,4 @@ def random_points_in_mask(mask: torch.Tensor, count: int, rng: np.random.RandomS
         raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; cannot place keypoints")
     chosen = voxels[torch.from_numpy(rng.choice(len(voxels), size=count, replace=len(voxels) < count))]
     chosen = chosen + torch.from_numpy(rng.uniform(-0.5, 0.5, chosen.shape))
-    return apply_affine(_affine(mask), chosen)
+    return apply_affine(affine_of(mask), chosen)

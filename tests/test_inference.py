@@ -417,7 +417,7 @@ def runner_argv(*arguments: str) -> list[str]:
 
 @pytest.fixture
 def settings(tmp_path):
-    """Valid arguments of :func:`scripts.cli.check_inference_settings` on small files."""
+    """Valid arguments of :func:`scripts.settings_checks.check_inference_settings` on small files."""
     (tmp_path / "in").mkdir()
     write_moving(tmp_path / "in" / "a.nii.gz", TRUTH["moving_a"])
     return {
@@ -439,7 +439,7 @@ def check_fails(capsys, **kwargs) -> str:
     KeyMorphWorkflowError with exit code 2 and a one-line message, nothing printed; returns the line the command
     line prints (``keymorph: error: ...``; ``test_a_config_error_through_the_runner_is_one_line_without_traceback``
     runs the runner itself)."""
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     with pytest.raises(KeyMorphWorkflowError) as error:
         check_inference_settings(**kwargs)
@@ -449,7 +449,7 @@ def check_fails(capsys, **kwargs) -> str:
 
 
 def test_valid_settings_pass_and_create_the_output_folder(settings):
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     check_inference_settings(**settings)
     assert os.path.isdir(settings["output_dir"])
@@ -507,7 +507,7 @@ def test_output_folder_that_is_not_writable(settings, capsys, tmp_path, monkeypa
 
 
 def test_weights_that_do_not_fit_the_network(settings, capsys):
-    from scripts.cli import check_network_weights
+    from scripts.settings_checks import check_network_weights
 
     line = check_fails(capsys, **{**settings, "network": KeypointDetector(1, 8, (8, 8, 16, 16))})
     assert settings["ckpt_path"] in line and "do not fit" in line and "size mismatch" in line
@@ -524,8 +524,8 @@ def test_weights_that_are_not_a_checkpoint(settings, capsys, tmp_path):
 
 @pytest.mark.parametrize("recorded", ["matching", "other", "unset"])
 def test_weights_hash_from_large_files_yml(settings, capsys, tmp_path, recorded):
-    from scripts.cli import check_inference_settings
     from scripts.hashes import file_hash
+    from scripts.settings_checks import check_inference_settings
 
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
@@ -562,7 +562,7 @@ def test_unknown_command_line_key_is_one_line(settings, capsys, arguments, words
 
 
 def test_known_command_line_keys_pass(settings):
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     argv = runner_argv("--skull_strip", "none", "--network_def#channels", "[8,8,16,16]", "--meta_file", "x.json")
     check_inference_settings(**{**settings, "argv": argv})
@@ -750,7 +750,7 @@ def test_dataset_refuses_two_inputs_with_one_case_name(tmp_path):
     "counts, code", [({"ok": 3}, None), ({"ok": 2, "suspect": 1, "skipped": 4}, None), ({"ok": 3, "error": 2}, 1)]
 )
 def test_exit_code_counts_failed_inputs(capsys, monkeypatch, counts, code):
-    from scripts.cli import run_registration
+    from scripts.inference import run_registration
 
     monkeypatch.setattr(sys, "argv", runner_argv())  # as under `python -m monai.bundle run`
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 from synthetic_heads import make_ixi_test_set
 
-from scripts.cli import check_training_settings
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphWorkflowError
+from scripts.settings_checks import check_training_settings
 from scripts.synthesis import SynthesizeImaged
 from scripts.training_data import ImagePretrainingDataset, PretrainingDataset, make_pretraining_dataset
 from scripts.transforms import BrainFramed, RandWorldAffined
