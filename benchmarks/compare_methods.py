@@ -580,14 +580,14 @@ def _tissue_labels(image, mask, iterations: int = 20):
 
 
 def make_atlas_dataset(atlas_path: str, frame, spacing: float, synthesis: dict | None, **kwargs):
-    """The MNI152 cases (module docstring): :class:`scripts.evaluation.RobustnessDataset` with the template as the
+    """The MNI152 cases (module docstring): :class:`scripts.robustness_cases.RobustnessDataset` with the template as the
     fixed image, one same-image pair per modality pair and rotation. The modality pairs must have T1 fixed."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import CropForeground, Orientation, Spacing
 
-    from scripts.evaluation import RobustnessDataset, parse_modality_pair
     from scripts.image_io import load_volume
+    from scripts.robustness_cases import RobustnessDataset, parse_modality_pair
     from scripts.synthesis import SynthesizeImaged
 
     class AtlasRobustnessDataset(RobustnessDataset):
@@ -768,7 +768,7 @@ def read_rows(path: str) -> list[dict]:
 
 def write_rows(path: str, rows: list[dict]) -> None:
     """``cases.csv`` (columns :data:`COLUMNS`; unknown values empty), written atomically, methods in order."""
-    from scripts.evaluation import write_cases_csv
+    from scripts.reports import write_cases_csv
 
     order = {method: index for index, method in enumerate(METHODS)}
     write_cases_csv(path, rows, COLUMNS, sort_key=lambda r: (r["case"], order.get(r["method"], len(order))))
@@ -1383,7 +1383,7 @@ def worker_environment(threads: int) -> dict:
 def check_settings(settings: dict, args: argparse.Namespace) -> dict[str, str]:
     """Exit with one line on a setting that would fail later; returns the label maps ``{subject: path}``."""
     from scripts.errors import KeyMorphInputError, fail
-    from scripts.evaluation import held_out_label_maps, parse_modality_pair
+    from scripts.robustness_cases import held_out_label_maps, parse_modality_pair
 
     try:
         for pair in settings["modality_pairs"]:
@@ -1423,7 +1423,7 @@ def check_settings(settings: dict, args: argparse.Namespace) -> dict[str, str]:
 
 def build_datasets(settings: dict, label_maps: dict[str, str]) -> list[tuple[str, object]]:
     """``[(dataset name, RobustnessDataset)]``: the label-map cases and, with ``include_mni``, the template's."""
-    from scripts.evaluation import SyntheticRobustnessDataset
+    from scripts.robustness_cases import SyntheticRobustnessDataset
 
     common = {
         "rotations": settings["rotations"],

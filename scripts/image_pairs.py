@@ -21,28 +21,23 @@ from __future__ import annotations
 import copy
 
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    Orientation,
-    Orientationd,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+from monai.transforms import Compose, CropForegroundd, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
 from monai.utils.type_conversion import convert_to_dst_type
 from tqdm import tqdm
 
-from scripts.coordinates import affine_of, resample_onto
-from scripts.image_io import LoadVolumed, load_volume
+from scripts.coordinates import affine_of
+from scripts.image_io import LoadVolumed, load_onto_grid
 from scripts.random_draws import RandomDrawDataset
 from scripts.skull_strip import SkullStripd
 from scripts.transforms import _anti_alias
 
 #: Voxels of air kept around the brain mask when the cached images are cropped (room for the blur of framing).
 CROP_MARGIN = 4
-# Affines that differ by less than this (mm) describe the same grid.
-_GRID_ATOL_MM = 1e-4
+
+
+def load_label_on_grid(path: str, image) -> torch.Tensor:
+    """A label map on ``image``'s grid (:func:`scripts.image_io.load_onto_grid`), ``(1, D, H, W)`` int32."""
+    return load_onto_grid(path, image).round().to(torch.int32)
 
 
 def default_preprocessing() -> Compose:
@@ -55,20 +50,6 @@ def default_preprocessing() -> Compose:
             ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
-
-
-def load_label_on_grid(path: str, image: MetaTensor) -> MetaTensor:
-    """Read a label map, reorient it to RAS and bring it onto ``image``'s grid (nearest neighbour, through world
-    coordinates) when it lies on another; returns ``(1, D, H, W)`` int32 with ``image``'s affine."""
-    label = Orientation(axcodes="RAS", labels=None)(load_volume(path))
-    label_affine = affine_of(label)
-    image_affine = affine_of(image)
-    shape = tuple(image.shape[1:])
-    if tuple(label.shape[1:]) != shape or not torch.allclose(label_affine, image_affine, atol=_GRID_ATOL_MM):
-        identity = torch.eye(4, dtype=torch.float64)
-        values = resample_onto(label.as_tensor(), label_affine, image_affine, shape, identity, mode="nearest")
-        label = MetaTensor(values, affine=image_affine, meta={"filename_or_obj": path})
-    return label.round().to(torch.int32)
 
 
 class ImagePreparation:

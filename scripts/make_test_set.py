@@ -55,10 +55,10 @@ from scripts.coordinates import affine_of, apply_affine, resample_onto
 from scripts.datalists import TRANSFORM_COLUMNS, TRANSFORMS_CSV, read_transforms_csv
 from scripts.errors import KeyMorphInputError, fail
 from scripts.image_io import save_volume
+from scripts.random_motions import random_affine_matrix
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map, synthesize
 from scripts.training_data import find_label_maps
 from scripts.transform_io import write_atomically
-from scripts.transforms import random_affine_matrix
 
 MODALITIES = ("T1", "T2", "PD")
 SITE = "Synth"

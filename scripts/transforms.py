@@ -12,7 +12,7 @@ All matrices follow :mod:`scripts.coordinates` (RAS mm, voxel centres on integer
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from scipy.ndimage import gaussian_filter
 
 from scripts.coordinates import affine_of, apply_affine, sampling_grid, warp
 from scripts.errors import KeyMorphInputError
+from scripts.random_motions import random_affine_matrix
 
 
 def _source_name(image: torch.Tensor) -> str:
@@ -189,38 +190,6 @@ def _anti_alias(image: torch.Tensor, affine: torch.Tensor, target_spacing: float
     for channel, out in zip(image, blurred):
         gaussian_filter(channel.numpy(), sigma=sigma, truncate=2.0, output=out.numpy())
     return blurred
-
-
-def random_affine_matrix(
-    rng: np.random.RandomState,
-    rotate_range: float = math.pi,
-    scale_range: float = 0.2,
-    shear_range: float = 0.1,
-    translate_range: Sequence[float] = (0.0, 0.0, 0.0),
-    center: Sequence[float] = (0.0, 0.0, 0.0),
-) -> torch.Tensor:
-    """A random world affine ``(4, 4)`` float64 about ``center`` (mm).
-
-    ``T = C Tr R Sh S C^-1``: scale ``1 +- scale_range`` per axis, shear ``+- shear_range`` (the three upper
-    off-diagonal terms), rotation by angles ``+- rotate_range`` radians about x, then y, then z, translation
-    ``+- translate_range`` mm per axis, all uniform.
-    """
-    angles = rng.uniform(-rotate_range, rotate_range, 3)
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        turn = np.eye(3)
-        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-        rotation = turn @ rotation
-    shear = np.eye(3)
-    shear[0, 1], shear[0, 2], shear[1, 2] = rng.uniform(-shear_range, shear_range, 3)
-    scale = np.diag(rng.uniform(1 - scale_range, 1 + scale_range, 3))
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation @ shear @ scale
-    center = np.asarray(center, dtype=np.float64)
-    matrix[:3, 3] = center - matrix[:3, :3] @ center + rng.uniform(-1, 1, 3) * np.asarray(translate_range)
-    return torch.from_numpy(matrix)
 
 
 def image_center(image: torch.Tensor) -> torch.Tensor:

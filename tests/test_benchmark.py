@@ -26,9 +26,10 @@ import pytest
 import torch
 from synthetic_heads import write_head_label_map, write_label_maps_dir
 
-from scripts.evaluation import _moved, misalignment, resample_world_aligned
+from scripts.image_io import moved_by, resample_world_aligned
 from scripts.keypoint_net import KeypointDetector
 from scripts.metrics import brain_voxel_error
+from scripts.random_motions import misalignment
 from scripts.synthesis import load_label_map, synthesize
 from scripts.transforms import brain_moments
 
@@ -64,7 +65,7 @@ def moved_pair(tmp_path_factory) -> dict:
     synthetic = synthesize(labels, "T1", seed=3, skull=False, deform_std=0.0, resolution_probability=0.0)
     image, mask = synthetic["image"], synthetic["mask"]
     truth = misalignment(7.0, [0.3, -0.5, 0.8], [1.04, 0.97, 1.02], [4.0, -3.0, 2.5], brain_moments(mask)[0])
-    moving = resample_world_aligned(_moved(image, truth), [2.0, 2.0, 2.0])
+    moving = resample_world_aligned(moved_by(image, truth), [2.0, 2.0, 2.0])
     moving_path = str(folder / "moving.nii.gz")
     nib.save(nib.Nifti1Image(moving[0].numpy(), moving.affine.numpy()), moving_path)
     fixed = nib.Nifti1Image(image[0].numpy(), np.asarray(image.affine, dtype=np.float64))

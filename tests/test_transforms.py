@@ -18,14 +18,8 @@ from test_inference import grid_affine, phantom_at, phantom_volume, rigid, rotat
 
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphInputError
-from scripts.transforms import (
-    BrainFramed,
-    RandWorldAffined,
-    brain_moments,
-    principal_axes,
-    random_affine_matrix,
-    random_points_in_mask,
-)
+from scripts.random_motions import random_affine_matrix
+from scripts.transforms import BrainFramed, RandWorldAffined, brain_moments, principal_axes, random_points_in_mask
 
 SHAPE = (40, 40, 40)
 AFFINE = grid_affine((2.0, 2.0, 2.0), SHAPE, rotation([1.0, -1.0, 0.5], 20.0), (3.0, -2.0, 1.0))
