@@ -40,7 +40,7 @@ Every method returns the FIXED-to-MOVING world matrix in RAS mm (:mod:`scripts.c
   ``configs/inference.yaml`` with ``skull_strip none`` (the inputs are brains), the network of ``network_def`` with
   ``--ckpt_path`` (:func:`scripts.bundle_api.load_state_dict`), the config's ``inferer`` with
   ``--refine_iterations`` (default: the config's), then the native-grid resampling and ``registered.nii.gz`` and
-  ``transform.tfm`` as :class:`scripts.inference.RegistrationWriter` writes them.
+  ``transform.tfm`` as :class:`scripts.case_outputs.RegistrationWriter` writes them.
 * ``ants``: ``ants.registration(fixed, moving, type_of_transform="Affine")`` with its defaults (centre-of-mass
   initialisation, Mattes mutual information). Its forward transform (``fwdtransforms[0]``, an ITK
   ``MatrixOffsetTransform`` .mat file in LPS with a centre) maps fixed points to moving points; it is read with
@@ -237,8 +237,8 @@ class KeyMorphRunner:
         import nibabel as nib
         import torch
 
-        from scripts.coordinates import affine_of, resample_onto
-        from scripts.image_io import save_volume
+        from scripts.case_outputs import write_registered
+        from scripts.coordinates import affine_of
         from scripts.qc import qc_scores
         from scripts.registration import warp_moving
         from scripts.transform_io import write_itk_transform
@@ -259,17 +259,10 @@ class KeyMorphRunner:
             )
             compute = time.perf_counter() - compute_start
         matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)
-        # native grid and outputs, as scripts.inference.RegistrationWriter writes them
-        original = moving["original"]
-        fixed_file = nib.load(fixed_path)
-        registered = resample_onto(
-            original.as_tensor(),
-            affine_of(original),
-            torch.from_numpy(np.asarray(fixed_file.affine, dtype=np.float64)),
-            fixed_file.shape[:3],
-            matrix,
-        )[0]
-        save_volume(os.path.join(output_dir, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
+        # native grid and outputs, as scripts.case_outputs.RegistrationWriter writes them
+        write_registered(
+            os.path.join(output_dir, "registered.nii.gz"), moving["original"], nib.load(fixed_path), matrix
+        )
         write_itk_transform(os.path.join(output_dir, "transform.tfm"), matrix)
         scores = qc_scores(registration, fixed, moving)
         end = time.perf_counter()

@@ -89,3 +89,28 @@ def workflow_step(function):
             _RAISE_INSTEAD_OF_EXIT.reset(token)
 
     return step
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: line breaks, tabs and NULs written as ``\\n``, ``\\r``, ``\\t``, ``\\x00``."""
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t").replace("\0", "\\x00")
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The KeyMorphInputError (else the innermost error) behind MONAI's ``RuntimeError("applying transform ...")``
+    wrappers."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return next((e for e in chain if isinstance(e, KeyMorphInputError)), chain[-1])
+
+
+def message_naming(error: BaseException, path: str) -> str:
+    """A one-line message for an exception while handling ``path``: starts with the file (a line break in its name
+    written as ``\\n``, so the reason after it is kept)."""
+    error = _unwrap(error)
+    shown = printable(path)
+    reason = first_line(str(error).replace(path, shown) if path else error)
+    if isinstance(error, KeyMorphInputError):
+        return reason if shown in reason else f"{shown}: {reason}"
+    return f"{shown}: {type(error).__name__}" + (f": {reason}" if reason else "")

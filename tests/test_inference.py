@@ -306,7 +306,7 @@ def test_keypoints_are_ras_mm_and_consistent_with_the_transform(folder_run, name
 
 
 def test_summary_rows_and_columns(folder_run):
-    from scripts.inference import SUMMARY_COLUMNS
+    from scripts.case_outputs import SUMMARY_COLUMNS
 
     with open(folder_run["output"] / "summary.csv", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -646,10 +646,10 @@ def writer_output(tmp_path):
 
 
 def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monkeypatch):
-    import scripts.inference as inference
+    import scripts.case_outputs as case_outputs
 
     output = tmp_path / "out"
-    writer = inference.RegistrationWriter(str(output))
+    writer = case_outputs.RegistrationWriter(str(output))
     output.mkdir()
     row = writer._write_case(writer_output)
     assert row["status"] == "ok" and sorted(os.listdir(output / "case")) == sorted(OUTPUT_FILES)
@@ -662,7 +662,7 @@ def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monke
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(inference, "qc_figure", crash)  # fails after registered.nii.gz etc. were written
+    monkeypatch.setattr(case_outputs, "qc_figure", crash)  # fails after registered.nii.gz etc. were written
     with pytest.raises(OSError):
         writer._write_case(writer_output)
     assert _snapshot(output / "case") == before  # the complete earlier result, untouched
@@ -676,7 +676,7 @@ def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monke
 
 
 def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_output, tmp_path, monkeypatch):
-    from scripts.inference import RegistrationWriter, case_done
+    from scripts.case_outputs import RegistrationWriter, case_done
 
     output = tmp_path / "out"
     output.mkdir()
@@ -703,7 +703,7 @@ def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_
 
 
 def test_writer_removes_the_staging_folders_of_a_killed_run(tmp_path):
-    from scripts.inference import RegistrationWriter
+    from scripts.case_outputs import RegistrationWriter
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".keymorph-tmp-{int(dead.stdout)}-case"
