@@ -15,6 +15,7 @@ All take ``--bundle_root`` (default: the bundle this module belongs to). ``updat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -36,7 +37,14 @@ class HashMismatch(Exception):
 
 
 def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB blocks."""
+    """Hex digest of a file, read in 1 MiB blocks once per file version (path, size and modification time) in a
+    process: the settings check and the provenance record of a run ask for the weights' sha256 both."""
+    stat = os.stat(path)
+    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, hash_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int, hash_type: str) -> str:
     digest = hashlib.new(hash_type)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

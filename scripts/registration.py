@@ -15,6 +15,7 @@ import torch.nn as nn
 from monai.inferers import Inferer
 
 from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
+from scripts.cli import as_bool
 from scripts.coordinates import (
     apply_affine,
     batched_affine,
@@ -252,9 +253,10 @@ class KeyMorphInferer(Inferer):
             raise ValueError(f"unknown keypoint weighting {keypoint_weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
         self.keypoint_weighting = keypoint_weighting
         self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
-        if search_turns and aligner == "tps":
+        self.search_turns = as_bool(search_turns, "search_turns")
+        if self.search_turns and aligner == "tps":
             raise ValueError("search_turns works with the affine, rigid and similarity aligners, not tps")
-        self.search_turns, self.turn_search_above_mm = search_turns, float(turn_search_above_mm)
+        self.turn_search_above_mm = float(turn_search_above_mm)
 
     def __call__(
         self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, fixed_mask: torch.Tensor | None = None

@@ -36,7 +36,9 @@ INFERENCE_ALIGNERS = ("affine", "rigid", "similarity")
 
 def weights_problem(ckpt_path: str, bundle_root: str | None = None, network=None) -> str | None:
     """The one-line problem with the model weights, or None: missing, unreadable, not matching the hash of
-    ``large_files.yml`` (only for the bundle's own weights file with a hash set), or not fitting ``network``."""
+    ``large_files.yml`` (only for the bundle's own weights file with a hash set), not a PyTorch checkpoint (its zip
+    directory, read without the tensors), or, given ``network``, not loading into it (the weights are then loaded
+    into ``network``: the one time a run reads them)."""
     download = "see README 'Use it from the model zoo' to download them"
     if not os.path.isfile(ckpt_path):
         return f"{ckpt_path}: model weights not found; {download}"
@@ -48,11 +50,14 @@ def weights_problem(ckpt_path: str, bundle_root: str | None = None, network=None
             check_file(bundle_root, entry, shown=ckpt_path)
         except HashMismatch as error:
             return str(error)
-    try:
-        state = load_state_dict(ckpt_path)
-    except Exception as error:
-        return f"{ckpt_path}: not a readable PyTorch checkpoint ({first_line(error)})"
+    problem = checkpoint_problem(ckpt_path)
+    if problem:
+        return f"{ckpt_path}: {problem}"
     if network is not None:
+        try:
+            state = load_state_dict(ckpt_path)
+        except Exception as error:
+            return f"{ckpt_path}: not a readable PyTorch checkpoint ({first_line(error)})"
         try:
             network.load_state_dict(state)
         except Exception as error:
@@ -65,7 +70,8 @@ def weights_problem(ckpt_path: str, bundle_root: str | None = None, network=None
 
 @workflow_step
 def check_network_weights(ckpt_path: str, network) -> None:
-    """Exit with one line (:func:`fail`, code 2) unless the weights load into ``network`` (sizes and names)."""
+    """Load the weights into ``network``; exit with one line (:func:`fail`, code 2) when they do not fit it (sizes
+    and names)."""
     problem = weights_problem(ckpt_path, None, network)
     if problem:
         fail(problem)
