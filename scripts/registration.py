@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from monai.inferers import Inferer
 
-from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
+from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, ThinPlateSpline, fit_residual
 from scripts.cli import as_bool
 from scripts.coordinates import (
     apply_affine,
@@ -109,16 +109,11 @@ def fit(
 ) -> Registration:
     """Fit the fixed-to-moving transform of world keypoints with ``aligner`` (affine, rigid, similarity or tps),
     with keypoint ``weights`` ``(B, K)`` (None: uniform; the spline itself is unweighted)."""
-    if aligner == "tps":
-        spline = ThinPlateSpline(fixed_points, moving_points, lam=tps_lambda)
-        matrix = ALIGNERS["affine"](fixed_points, moving_points, weights)
-        residual = fit_residual(matrix, fixed_points, moving_points)
-        return Registration(matrix, fixed_points, moving_points, residual, spline, weights)
     if aligner not in ALIGNERS:
-        raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
-    matrix = ALIGNERS[aligner](fixed_points, moving_points, weights)
-    residual = fit_residual(matrix, fixed_points, moving_points)
-    return Registration(matrix, fixed_points, moving_points, residual, weights=weights)
+        raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
+    transform = ALIGNERS[aligner](fixed_points, moving_points, weights, tps_lambda)
+    residual = fit_residual(transform.matrix, fixed_points, moving_points)
+    return Registration(transform.matrix, fixed_points, moving_points, residual, transform.spline, weights)
 
 
 def fit_detected(fixed, moving, aligner: str = "affine", tps_lambda: float = 0.0) -> Registration:
@@ -247,15 +242,15 @@ class KeyMorphInferer(Inferer):
         keypoint_weighting: str = "uniform",
     ):
         super().__init__()
-        if aligner not in [*ALIGNERS, "tps"]:
-            raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
+        if aligner not in ALIGNERS:
+            raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
         if keypoint_weighting not in KEYPOINT_WEIGHTINGS:
             raise ValueError(f"unknown keypoint weighting {keypoint_weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
         self.keypoint_weighting = keypoint_weighting
         self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
         self.search_turns = as_bool(search_turns, "search_turns")
-        if self.search_turns and aligner == "tps":
-            raise ValueError("search_turns works with the affine, rigid and similarity aligners, not tps")
+        if self.search_turns and aligner not in MATRIX_ALIGNERS:
+            raise ValueError(f"search_turns works with the aligners {', '.join(MATRIX_ALIGNERS)}, not {aligner}")
         self.turn_search_above_mm = float(turn_search_above_mm)
 
     def __call__(

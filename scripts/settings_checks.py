@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from scripts.aligners import MATRIX_ALIGNERS
 from scripts.checkpoints import checkpoint_problem, is_iteration_checkpoint, load_state_dict
 from scripts.cli import as_bool, optional, unknown_setting
 from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
@@ -30,8 +31,8 @@ from scripts.inference import RegistrationDataset
 from scripts.skull_strip import BACKENDS
 from scripts.training_data import training_images
 
-#: The aligners of inference: those fitting one matrix.
-INFERENCE_ALIGNERS = ("affine", "rigid", "similarity")
+#: The aligners of inference: those whose transform is one matrix.
+INFERENCE_ALIGNERS = MATRIX_ALIGNERS
 
 
 def weights_problem(ckpt_path: str, bundle_root: str | None = None, network=None) -> str | None:
