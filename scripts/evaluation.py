@@ -12,7 +12,7 @@ Scores
   label map is pulled onto that grid by nearest neighbour through the estimated transform. The fixed labels are
   therefore never resampled, and the true transform scores 1 on a synthetic same-subject pair.
 * ``tre_mm``: target registration error, the mean distance in mm over the fixed brain voxels between the estimated
-  and the true fixed-to-moving transforms (:func:`scripts.metrics.brain_voxel_error`); same-subject pairs only.
+  and the true fixed-to-moving transforms (:func:`scripts.metrics.brain_tre`); same-subject pairs only.
 * ``seconds``: wall time of the method's call (for KeyMorph: the network on both network-grid images and the fit;
   building the network grids belongs to the data pipeline, as in inference).
 
@@ -41,7 +41,7 @@ from monai.engines import SupervisedEvaluator
 from scripts.coordinates import affine_of, resample_onto
 from scripts.datalists import detect_source
 from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
-from scripts.metrics import brain_voxel_error, mean_dice
+from scripts.metrics import brain_tre, mean_dice
 from scripts.robustness_cases import held_out_datalist, held_out_label_maps, parse_modality_pair
 from scripts.settings_checks import writable_folder_problem
 
@@ -148,9 +148,7 @@ def score_case(case: dict, matrix: torch.Tensor) -> tuple[float, float]:
     tre = float("nan")
     truth = case.get("true_fixed_to_moving")
     if truth is not None:
-        tre = float(
-            brain_voxel_error(matrix[None], torch.as_tensor(truth, dtype=torch.float64)[None], [fixed["mask"]])[0]
-        )
+        tre = float(brain_tre(matrix[None], torch.as_tensor(truth, dtype=torch.float64)[None], [fixed["mask"]])[0])
     return dice, tre
 
 

@@ -286,6 +286,12 @@ def resample_world_aligned(image: torch.Tensor, spacing: Sequence[float], mode: 
     return MetaTensor(resampled, affine=new_affine, meta=meta)
 
 
+def source_name(image) -> str:
+    """The file an image was read from (its ``filename_or_obj``), ``<image>`` when it has none."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    return str(meta.get("filename_or_obj", "<image>"))
+
+
 def is_label_map(path: str) -> bool:
     """Whether a NIfTI file holds a label map: integer voxels stored without intensity scaling."""
     image = nib.load(path)

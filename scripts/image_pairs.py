@@ -25,11 +25,11 @@ from monai.transforms import Compose, CropForegroundd, Orientationd, ScaleIntens
 from monai.utils.type_conversion import convert_to_dst_type
 from tqdm import tqdm
 
+from scripts.brain_frame import anti_aliased
 from scripts.coordinates import affine_of
 from scripts.image_io import LoadVolumed, load_onto_grid
 from scripts.random_draws import RandomDrawDataset
 from scripts.skull_strip import SkullStripd
-from scripts.transforms import _anti_alias
 
 #: Voxels of air kept around the brain mask when the cached images are cropped (room for the blur of framing).
 CROP_MARGIN = 4
@@ -95,7 +95,7 @@ class ImagePreparation:
             modes.append("nearest")
         if self.spacing is not None:
             image = item["image"]
-            blurred = _anti_alias(image.as_tensor(), affine_of(image), self.spacing)
+            blurred = anti_aliased(image.as_tensor(), affine_of(image), self.spacing)
             item["image"] = convert_to_dst_type(blurred, image)[0]
             item = Spacingd(keys, pixdim=self.spacing, mode=modes, padding_mode="zeros")(item)
         item["mask"] = (item["mask"] > 0.5).to(torch.uint8)
@@ -125,8 +125,8 @@ class ImagePairDataset(RandomDrawDataset):
     images of one subject, of two modalities when it has them (always one subject when the datalist has only one;
     an image is paired with itself when its subject has no other). Its true transform is known (see the module
     docstring), so ``same_subject`` is True for it. Each image goes through ``augmentation`` (a
-    :class:`scripts.transforms.RandWorldAffined` on image, label and mask) and ``frame`` (a
-    :class:`scripts.transforms.BrainFramed`); items hold ``image``, ``mask``, ``label`` (when the datalist gives
+    :class:`scripts.random_motions.RandWorldAffined` on image, label and mask) and ``frame`` (a
+    :class:`scripts.brain_frame.BrainFramed`); items hold ``image``, ``mask``, ``label`` (when the datalist gives
     one) as ``(1, S, S, S)`` MetaTensors on the network grid, ``world_transform`` ``(4, 4)`` float64 and
     ``modality``.
 

@@ -26,20 +26,33 @@ def mean_dice(warped: torch.Tensor, fixed: torch.Tensor, label_values=BRAIN_LABE
     return torch.nanmean(dice, dim=1)
 
 
-def brain_voxel_error(predicted: torch.Tensor, truth: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Mean distance ``(B,)`` in mm between two fixed-to-moving world matrices ``(B, 4, 4)`` over the brain voxels
-    of each fixed image (``masks``: ``(1, D, H, W)`` MetaTensors with their affines): the target registration error
-    averaged over the brain."""
-    errors = []
-    for i, mask in enumerate(masks):
-        voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-        points = apply_affine(affine_of(mask), voxels)
-        difference = apply_affine(predicted[i].cpu().double(), points) - apply_affine(truth[i].cpu().double(), points)
-        errors.append(difference.norm(dim=-1).mean())
+def brain_points(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """World coordinates ``(N, 3)`` float64 (mm) of the brain voxels (> 0.5) of a mask ``(1, D, H, W)`` (a
+    MetaTensor with its affine); with ``count``, an even subsample of about that many."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    if count is not None:
+        voxels = voxels[:: max(1, len(voxels) // count)]
+    return apply_affine(affine_of(mask), voxels)
+
+
+def target_registration_error(predicted: torch.Tensor, truth: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Mean distance in mm between the points ``(..., N, 3)`` mapped by two fixed-to-moving world matrices
+    ``(..., 4, 4)`` (the estimate and the truth): the target registration error averaged over the points, ``(...)``;
+    differentiable (the training's transform term)."""
+    return (apply_affine(predicted, points) - apply_affine(truth, points)).norm(dim=-1).mean(-1)
+
+
+def brain_tre(predicted: torch.Tensor, truth: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`target_registration_error` ``(B,)`` of fixed-to-moving world matrices ``(B, 4, 4)`` over every brain
+    voxel of each fixed image (``masks``: ``(1, D, H, W)`` MetaTensors with their affines), on the CPU."""
+    errors = [
+        target_registration_error(predicted[i].cpu().double(), truth[i].cpu().double(), brain_points(mask))
+        for i, mask in enumerate(masks)
+    ]
     return torch.stack(errors)
 
 
-#: Names of the network grid's axes (:func:`scripts.transforms.principal_axes`): a brain's own axes in any pose.
+#: Names of the network grid's axes (:func:`scripts.brain_frame.principal_axes`): a brain's own axes in any pose.
 GRID_AXES = ("front_back", "left_right", "bottom_top")
 
 

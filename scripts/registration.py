@@ -142,7 +142,7 @@ def register(
 
 
 #: The four proper 180-degree turns of a network grid about its centre, as pairs of flipped array axes: the sign
-#: choices of the principal axes that are not mirror images (:func:`scripts.transforms.principal_axes`).
+#: choices of the principal axes that are not mirror images (:func:`scripts.brain_frame.principal_axes`).
 GRID_TURNS = ((), (0, 1), (0, 2), (1, 2))
 
 

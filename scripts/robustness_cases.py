@@ -51,6 +51,7 @@ import torch
 from monai.transforms import CropForeground, Identityd
 from torch.utils.data import Dataset
 
+from scripts.brain_frame import brain_moments
 from scripts.coordinates import affine_of
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
@@ -59,7 +60,6 @@ from scripts.image_pairs import ImagePairDataset
 from scripts.random_motions import misalignment, random_axis
 from scripts.synthesis import CONTRAST_PRESETS, SynthesizeImaged, load_label_map
 from scripts.training_data import find_label_maps
-from scripts.transforms import brain_moments
 
 MODALITY_PAIRS = ("T1-T1", "T2-T2", "PD-PD", "T1-T2", "T1-PD", "T2-PD")
 ROTATIONS_DEG = (0, 45, 90, 135, 180)
@@ -101,7 +101,7 @@ class RobustnessDataset(Dataset):
     ``M @ W_f @ inv(W_m)``, so the true fixed-to-moving transform is still exactly ``M`` with the stated angle.
 
     Args:
-        frame: a :class:`scripts.transforms.BrainFramed` (keys ``image``, mask_key ``mask``) building the network grid.
+        frame: a :class:`scripts.brain_frame.BrainFramed` (keys ``image``, mask_key ``mask``) building the network grid.
         modality_pairs: ``"FIXED-MOVING"`` contrast pairs.
         rotations: net initial rotation angles, degrees in ``[0, 180]``.
         pairs_per_cell: pairs per modality pair and rotation.

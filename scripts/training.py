@@ -19,7 +19,14 @@ from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedC
 
 from scripts.coordinates import affine_of, apply_affine
 from scripts.errors import fail
-from scripts.metrics import brain_voxel_error, grid_frame_points, mean_dice, spread_scalars
+from scripts.metrics import (
+    brain_points,
+    brain_tre,
+    grid_frame_points,
+    mean_dice,
+    spread_scalars,
+    target_registration_error,
+)
 from scripts.registration import keypoints_world, register, warp_moving
 from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
 
@@ -122,13 +129,6 @@ def spread_shortfall(
     centre = (w * frame).sum(1, keepdim=True)
     sd = ((w * (frame - centre).pow(2)).sum(1) + 1e-6).sqrt()  # (B, 3); + 1e-6 mm^2: finite gradient when collapsed
     return F.relu(1 - sd / (fraction * brain_sd.to(sd))).pow(2).mean(-1)
-
-
-def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
-    """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
-    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-    voxels = voxels[:: max(1, len(voxels) // count)]
-    return apply_affine(affine_of(mask), voxels)
 
 
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
@@ -279,10 +279,10 @@ class KeyMorphTrainer(SupervisedTrainer):
             terms["keypoints"] = relative_keypoint_error(
                 registration.fixed_points[known], registration.moving_points[known], truth
             ).mean()
-            brain = [_brain_points(fixed[i]["mask"]).to(device) for i in known]
+            brain = [brain_points(fixed[i]["mask"], count=2048).to(device) for i in known]
             # the mean distance, not squared, so the large errors of early training do not swamp the other terms
             errors = [
-                (apply_affine(registration.fixed_to_moving[i], p) - apply_affine(truth[j], p)).norm(dim=-1).mean()
+                target_registration_error(registration.fixed_to_moving[i], truth[j], p)
                 for j, (i, p) in enumerate(zip(known, brain))
             ]
             terms["transform"] = torch.stack(errors).mean() / 10.0
@@ -362,14 +362,14 @@ class KeyMorphValidator(SupervisedEvaluator):
             known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
             if known:
                 truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
-                output["error_mm"] = brain_voxel_error(
+                output["error_mm"] = brain_tre(
                     registration.fixed_to_moving[known], truth, [fixed[i]["mask"] for i in known]
                 )
         return output
 
 
 class AugmentationRamp:
-    """Ignite handler: grow a :class:`scripts.transforms.RandWorldAffined`'s ranges linearly from 0 to their full
+    """Ignite handler: grow a :class:`scripts.random_motions.RandWorldAffined`'s ranges linearly from 0 to their full
     values over the first ``ramp_epochs`` epochs (KeyMorph's pretraining schedule: easy poses first)."""
 
     def __init__(self, transform, ramp_epochs: int):

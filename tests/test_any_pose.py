@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from scripts.coordinates import resample_onto
 from scripts.image_io import resample_world_aligned
-from scripts.metrics import brain_voxel_error
+from scripts.metrics import brain_tre as brain_voxel_error
 from scripts.random_motions import axis_angle_rotation, misalignment
 from scripts.skull_strip import SkullStripd
 from scripts.transform_io import read_ras_matrix

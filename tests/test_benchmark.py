@@ -26,12 +26,12 @@ import pytest
 import torch
 from synthetic_heads import write_head_label_map, write_label_maps_dir
 
+from scripts.brain_frame import brain_moments
 from scripts.image_io import moved_by, resample_world_aligned
 from scripts.keypoint_net import KeypointDetector
-from scripts.metrics import brain_voxel_error
+from scripts.metrics import brain_tre
 from scripts.random_motions import misalignment
 from scripts.synthesis import load_label_map, synthesize
-from scripts.transforms import brain_moments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare_methods.py")
@@ -83,7 +83,7 @@ def check_recovered(pair: dict, runner, name: str) -> None:
     matrix = torch.as_tensor(np.asarray(result["matrix"]), dtype=torch.float64)
 
     def error(candidate: torch.Tensor) -> float:
-        return float(brain_voxel_error(candidate[None], pair["truth"][None], [pair["mask"]])[0])
+        return float(brain_tre(candidate[None], pair["truth"][None], [pair["mask"]])[0])
 
     assert os.path.getsize(os.path.join(output, "registered.nii.gz")) > 0
     assert result["seconds_end_to_end"] >= result["seconds_compute"] > 0

@@ -19,12 +19,12 @@ import pytest
 import torch
 from synthetic_heads import write_label_maps_dir
 
+from scripts.brain_frame import BrainFramed
 from scripts.coordinates import rotation_angle_deg
 from scripts.keypoint_net import KeypointDetector
 from scripts.random_motions import misalignment, random_axis
 from scripts.reports import CASE_COLUMNS, OUTPUT_FILES
 from scripts.robustness_cases import SyntheticRobustnessDataset
-from scripts.transforms import BrainFramed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBJECTS = ["training_seg_13", "training_seg_14"]

@@ -55,7 +55,7 @@ def phantom_at(points: np.ndarray) -> np.ndarray:
 
     An egg-shaped "brain" (semi-axes 15 mm left-right, 23/31 mm back/front, 16/23 mm down/up, so its principal axes
     and their directions are well defined) whose front and back ends droop below its centre as a brain's do (the
-    cue :func:`scripts.transforms.principal_axes` reads "up" from), with a brighter rim, smooth texture and two dark
+    cue :func:`scripts.brain_frame.principal_axes` reads "up" from), with a brighter rim, smooth texture and two dark
     "ventricles"; 0 outside.
     """
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
