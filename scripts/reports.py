@@ -20,6 +20,33 @@ from scripts.transform_io import write_atomically
 
 logger = logging.getLogger(__name__)
 
+
+def rounded(x) -> float | None:
+    """A statistic for ``summary.json``: rounded to 6 decimals; None when missing or not finite."""
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (the Agg backend), never a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_json(path: str, content) -> None:
+    """Write ``content`` as indented JSON with a final line break, atomically."""
+
+    def dump(temporary: str) -> None:
+        with open(temporary, "w") as handle:
+            json.dump(content, handle, indent=2)
+            handle.write("\n")
+
+    write_atomically(path, dump)
+
+
 CASE_COLUMNS = [
     "case",
     "method",
@@ -50,18 +77,15 @@ def _stats(rows: list[dict]) -> dict:
     tre = tre[np.isfinite(tre)]
     seconds = np.array([r["seconds"] for r in rows], dtype=np.float64)
 
-    def value(x) -> float | None:
-        return None if x is None or not np.isfinite(x) else round(float(x), 6)
-
     return {
         "n": len(rows),
-        "dice_mean": value(dice.mean()) if len(dice) else None,
-        "dice_std": value(dice.std(ddof=1)) if len(dice) > 1 else None,
+        "dice_mean": rounded(dice.mean()) if len(dice) else None,
+        "dice_std": rounded(dice.std(ddof=1)) if len(dice) > 1 else None,
         "n_tre": int(len(tre)),
-        "tre_mean_mm": value(tre.mean()) if len(tre) else None,
-        "tre_median_mm": value(np.median(tre)) if len(tre) else None,
-        "seconds_mean": value(seconds.mean()) if len(seconds) else None,
-        "seconds_median": value(np.median(seconds)) if len(seconds) else None,
+        "tre_mean_mm": rounded(tre.mean()) if len(tre) else None,
+        "tre_median_mm": rounded(np.median(tre)) if len(tre) else None,
+        "seconds_mean": rounded(seconds.mean()) if len(seconds) else None,
+        "seconds_median": rounded(np.median(seconds)) if len(seconds) else None,
         "n_failed": sum(r["status"] != "ok" for r in rows),
     }
 
@@ -116,11 +140,7 @@ def write_cases_csv(path: str, rows: list[dict], columns: list[str] = CASE_COLUM
 
 def plot_against_rotation(path: str, summary: dict, statistic: str, ylabel: str, title: str) -> None:
     """One line per modality pair of ``summary["by_modality_pair"][pair]["by_rotation"][angle][statistic]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(6.4, 4.2))
     plotted = False
     for pair, group in summary["by_modality_pair"].items():
@@ -169,13 +189,7 @@ class RobustnessReport:
         os.makedirs(self.output_dir, exist_ok=True)
         summary = summarize(self.rows)
         write_cases_csv(os.path.join(self.output_dir, "cases.csv"), self.rows)
-
-        def dump(temporary: str) -> None:
-            with open(temporary, "w") as handle:
-                json.dump(summary, handle, indent=2)
-                handle.write("\n")
-
-        write_atomically(os.path.join(self.output_dir, "summary.json"), dump)
+        write_json(os.path.join(self.output_dir, "summary.json"), summary)
         method = summary["method"]
         plot_against_rotation(
             os.path.join(self.output_dir, "dice_vs_rotation.png"),
