@@ -41,9 +41,10 @@ from monai.transforms import LoadImage  # noqa: E402
 
 from scripts.bundle_api import load_config, load_state_dict  # noqa: E402
 from scripts.coordinates import affine_of  # noqa: E402
+from scripts.coordinates import turned  # noqa: E402
 from scripts.evaluation import score_case  # noqa: E402
 from scripts.qc import QC_THRESHOLDS, qc_scores  # noqa: E402
-from scripts.registration import GRID_TURNS, fit, keypoints_world, turned  # noqa: E402
+from scripts.registration import GRID_TURNS, fit, keypoints_world  # noqa: E402
 
 COLUMNS = ["case", "turn", "right", "residual_mm", "similarity", "dice", "tre_mm"]
 

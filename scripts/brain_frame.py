@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy.ndimage import gaussian_filter
 
-from scripts.coordinates import affine_of, apply_affine, sampling_grid, warp
+from scripts.coordinates import affine_of, apply_affine, centred_grid, sampling_grid, warp
 from scripts.errors import KeyMorphInputError
 from scripts.image_io import source_name
 from scripts.random_motions import random_affine_matrix
@@ -123,10 +123,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
             principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
         )
         rotation = rotation @ self._jitter()
-        affine = torch.eye(4, dtype=torch.float64)
-        affine[:3, :3] = rotation * self.spacing
-        affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (self.spatial_size - 1) / 2, dtype=torch.float64)
-        return affine
+        return centred_grid(rotation, self.spacing, self.spatial_size, center)
 
     def _jitter(self) -> torch.Tensor:
         """The random turn ``(3, 3)`` of the grid in its own axes (identity without jitter or flips)."""

@@ -28,9 +28,8 @@ misalignment). Other methods (ANTs, elastix) plug in as another callable.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from ignite.engine import Engine
@@ -39,11 +38,9 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 
 from scripts.coordinates import affine_of, resample_onto
-from scripts.datalists import detect_source
 from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
 from scripts.metrics import brain_tre, mean_dice
-from scripts.robustness_cases import held_out_datalist, held_out_label_maps, parse_modality_pair
-from scripts.settings_checks import writable_folder_problem
+from scripts.robustness_cases import parse_modality_pair
 
 logger = logging.getLogger(__name__)
 
@@ -239,42 +236,6 @@ class RobustnessEvaluator(SupervisedEvaluator):
 # ---------------------------------------------------------------------------------------------------------------
 # Command-line entry points
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@workflow_step
-def check_evaluation_settings(
-    dataset_dir: str,
-    output_dir: str,
-    ckpt_path: str,
-    method,
-    test_subjects: Sequence[str] = (),
-    modality_pairs: Sequence[str] = (),
-    rotations: Sequence[float] = (),
-) -> None:
-    """Check, before any work starts, what would otherwise fail late: exits with one line on the first problem."""
-    if not callable(method) and method not in METHODS:
-        fail(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    try:
-        for pair in modality_pairs:
-            parse_modality_pair(pair)
-    except KeyMorphInputError as error:
-        fail(f"--modality_pairs: {error}")
-    if any(not 0.0 <= float(r) <= 180.0 for r in rotations):
-        fail(f"--rotations {list(rotations)}: net rotation angles must be within [0, 180] degrees")
-    if not os.path.exists(dataset_dir):
-        fail(f"{dataset_dir}: dataset_dir not found (--dataset_dir)")
-    try:
-        if detect_source(dataset_dir) == "label_maps":
-            held_out_label_maps(dataset_dir, test_subjects)
-        else:
-            held_out_datalist(dataset_dir, test_subjects)
-    except KeyMorphInputError as error:
-        fail(str(error))
-    if method == "keymorph" and not os.path.isfile(ckpt_path):
-        fail(f"{ckpt_path}: model weights not found (--ckpt_path)")
-    problem = writable_folder_problem(output_dir)
-    if problem:
-        fail(problem)
 
 
 @workflow_step

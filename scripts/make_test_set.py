@@ -51,7 +51,7 @@ import torch
 from monai.transforms import CropForeground
 from tqdm import tqdm
 
-from scripts.coordinates import affine_of, apply_affine, resample_onto
+from scripts.coordinates import affine_of, apply_affine, grid_around, resample_onto
 from scripts.datalists import TRANSFORM_COLUMNS, TRANSFORMS_CSV, read_transforms_csv
 from scripts.errors import KeyMorphInputError, fail
 from scripts.image_io import save_volume
@@ -98,15 +98,8 @@ def covering_grid(
     voxels = torch.nonzero(foreground).to(torch.float64)
     # a voxel is a box: its corners reach half a voxel beyond its centre along each (possibly turned) axis
     reach = (move[:3, :3] @ affine[:3, :3]).abs().sum(dim=1) / 2
-    points = apply_affine(move @ affine, voxels)
-    low = points.min(0).values - reach - MARGIN_MM
-    high = points.max(0).values + reach + MARGIN_MM
-    step = torch.as_tensor(spacing, dtype=torch.float64)
-    shape = tuple(int(n) for n in torch.ceil((high - low) / step).long() + 1)
-    grid = torch.eye(4, dtype=torch.float64)
-    grid[:3, :3] = torch.diag(step)
-    grid[:3, 3] = low
-    return grid, shape
+    grid, shape = grid_around(apply_affine(move @ affine, voxels), spacing, margin_mm=reach + MARGIN_MM)
+    return grid, tuple(shape)
 
 
 def _save(path: str, data: torch.Tensor, affine: torch.Tensor, dtype) -> None:

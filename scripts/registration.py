@@ -20,6 +20,7 @@ from scripts.coordinates import (
     apply_affine,
     batched_affine,
     sampling_grid,
+    turned,
     voxel_grid_world,
     warp,
     world_points_to_grid,
@@ -144,18 +145,6 @@ def register(
 #: The four proper 180-degree turns of a network grid about its centre, as pairs of flipped array axes: the sign
 #: choices of the principal axes that are not mirror images (:func:`scripts.brain_frame.principal_axes`).
 GRID_TURNS = ((), (0, 1), (0, 2), (1, 2))
-
-
-def turned(image: torch.Tensor, affine: torch.Tensor, axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same image ``(B, C, D, H, W)`` on its grid turned by 180 degrees (``axes`` flipped), and that grid's
-    ``(B, 4, 4)`` affine: exact (voxel ``i`` becomes ``S - 1 - i``), so the world content is unchanged."""
-    if not axes:
-        return image, affine
-    flip = torch.eye(4, dtype=affine.dtype, device=affine.device)
-    for axis in axes:
-        flip[axis, axis] = -1.0
-        flip[axis, 3] = image.shape[2 + axis] - 1
-    return image.flip([2 + axis for axis in axes]), affine @ flip
 
 
 def register_best_turn(

@@ -6,7 +6,8 @@ Everything a user can get wrong in the settings of ``configs/inference.yaml`` is
 Problems with single inputs are not settings: they become ``error`` rows of ``summary.csv`` and exit code 1
 (:func:`scripts.inference.run_registration`). The training workflows (``configs/pretrain.yaml``,
 ``configs/train.yaml``) check their data source, start weights and output folder the same way
-(:func:`check_training_settings`, :func:`check_loss_weights`).
+(:func:`check_training_settings`, :func:`check_loss_weights`), and so does the robustness sweep
+(``configs/evaluate.yaml``, :func:`check_evaluation_settings`).
 
 The checks a config calls are :func:`scripts.errors.workflow_step` s: in a workflow created from Python they raise
 :class:`scripts.errors.KeyMorphWorkflowError` instead of exiting. Unknown command-line keys are found by
@@ -24,10 +25,13 @@ import torch
 from scripts.aligners import MATRIX_ALIGNERS
 from scripts.checkpoints import checkpoint_problem, is_iteration_checkpoint, load_state_dict
 from scripts.cli import as_bool, optional, unknown_setting
+from scripts.datalists import detect_source
 from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
+from scripts.evaluation import METHODS
 from scripts.hashes import HashMismatch, check_file, recorded_entry
 from scripts.image_io import load_volume
 from scripts.inference import RegistrationDataset
+from scripts.robustness_cases import held_out_datalist, held_out_label_maps, parse_modality_pair
 from scripts.skull_strip import BACKENDS
 from scripts.training_data import training_images
 
@@ -350,3 +354,39 @@ def _has_checkpoints(checkpoint_dir: str | None) -> bool:
     if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
         return False
     return any(is_iteration_checkpoint(name) for name in os.listdir(checkpoint_dir))
+
+
+@workflow_step
+def check_evaluation_settings(
+    dataset_dir: str,
+    output_dir: str,
+    ckpt_path: str,
+    method,
+    test_subjects: Sequence[str] = (),
+    modality_pairs: Sequence[str] = (),
+    rotations: Sequence[float] = (),
+) -> None:
+    """Check, before any work starts, what would otherwise fail late: exits with one line on the first problem."""
+    if not callable(method) and method not in METHODS:
+        fail(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    try:
+        for pair in modality_pairs:
+            parse_modality_pair(pair)
+    except KeyMorphInputError as error:
+        fail(f"--modality_pairs: {error}")
+    if any(not 0.0 <= float(r) <= 180.0 for r in rotations):
+        fail(f"--rotations {list(rotations)}: net rotation angles must be within [0, 180] degrees")
+    if not os.path.exists(dataset_dir):
+        fail(f"{dataset_dir}: dataset_dir not found (--dataset_dir)")
+    try:
+        if detect_source(dataset_dir) == "label_maps":
+            held_out_label_maps(dataset_dir, test_subjects)
+        else:
+            held_out_datalist(dataset_dir, test_subjects)
+    except KeyMorphInputError as error:
+        fail(str(error))
+    if method == "keymorph" and not os.path.isfile(ckpt_path):
+        fail(f"{ckpt_path}: model weights not found (--ckpt_path)")
+    problem = writable_folder_problem(output_dir)
+    if problem:
+        fail(problem)

@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
-from scripts.coordinates import affine_of, apply_affine
+from scripts.coordinates import affine_of, apply_affine, coarser_grid
 from scripts.errors import fail
 from scripts.metrics import (
     brain_points,
@@ -196,11 +196,7 @@ class RegistrationLoss:
         factor = self.dice_downsample
         if factor > 1:
             fixed_labels = F.avg_pool3d(fixed_labels, factor)
-            # a coarse cell's centre is the mean of its fine voxel centres: index j -> factor * j + (factor - 1) / 2
-            cells = torch.eye(4, dtype=fixed_affine.dtype, device=fixed_affine.device)
-            cells[:3, :3] *= factor
-            cells[:3, 3] = (factor - 1) / 2
-            fixed_affine = fixed_affine @ cells
+            fixed_affine = coarser_grid(fixed_affine, factor)
         warped = warp_moving(registration, moving_labels, fixed_affine, moving_affine, fixed_labels.shape[2:])
         return self.dice(warped, fixed_labels)
 
