@@ -43,8 +43,10 @@ def ras_from_elastix(parameter_map: Mapping[str, Sequence[str]]) -> np.ndarray:
     return ras_from_itk_parts(values[:9], values[9:], center)
 
 
-class KeyMorphRunner:
-    """The bundle's inference path from files (see the module docstring).
+class KeyMorphOnFiles:
+    """The bundle's inference path from two files (``benchmarks/compare_methods.py``, Methods): the inference
+    config's preprocessing, network and inferer, then the moving image on the fixed image's native grid
+    (:func:`scripts.case_outputs.write_registered`) and ``transform.tfm``.
 
     Args:
         ckpt_path: the weights.
@@ -203,7 +205,7 @@ def make_runner(method: str, settings: dict):
     """The runner of ``method`` from its worker settings (:func:`method_settings`)."""
     threads = settings.get("threads", 2)
     if method == "keymorph":
-        return KeyMorphRunner(
+        return KeyMorphOnFiles(
             settings["ckpt_path"], settings.get("refine_iterations"), settings.get("overrides"), threads
         )
     if method == "ants":

@@ -56,7 +56,7 @@ def _batched(image: torch.Tensor, device) -> MetaTensor:
     return MetaTensor(data[None].to(device=device, dtype=torch.float32), affine=torch.as_tensor(image.affine))
 
 
-class KeyMorphMethod:
+class KeyMorphOnNetworkGrids:
     """KeyMorph: ``inferer(fixed, moving, network)`` on the two network-grid images (``net_image``).
 
     Args:
@@ -104,7 +104,7 @@ class IdentityTransform:
 
 #: Built-in methods by name: ``factory(network, inferer, device) -> method``.
 METHODS: dict[str, Callable] = {
-    "keymorph": KeyMorphMethod,
+    "keymorph": KeyMorphOnNetworkGrids,
     "truth": lambda network, inferer, device: TrueTransform(),
     "identity": lambda network, inferer, device: IdentityTransform(),
 }

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from scripts.coordinates import affine_of, apply_affine, world_to_voxel
-from scripts.training_data import BRAIN_LABELS
+
+#: FreeSurfer brain structures scored by Dice (left and right kept apart: a mirror-image registration is wrong).
+BRAIN_LABELS = (
+    2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
+    41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60,
+)  # fmt: skip
 
 
 def dice_per_structure(warped: torch.Tensor, fixed: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:

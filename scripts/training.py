@@ -20,6 +20,7 @@ from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedC
 from scripts.coordinates import affine_of, apply_affine, coarser_grid
 from scripts.errors import fail
 from scripts.metrics import (
+    BRAIN_LABELS,
     brain_points,
     brain_tre,
     grid_frame_points,
@@ -28,7 +29,7 @@ from scripts.metrics import (
     target_registration_error,
 )
 from scripts.registration import keypoints_world, register, warp_moving
-from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
+from scripts.training_data import true_fixed_to_moving
 
 
 def _stack(items: list[dict], key: str) -> torch.Tensor:

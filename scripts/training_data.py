@@ -27,12 +27,6 @@ from scripts.image_pairs import ImagePairDataset, ImagePreparation, world_transf
 from scripts.random_draws import RandomDrawDataset, random_points_in_mask
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map
 
-#: FreeSurfer brain structures scored by Dice (left and right kept apart: a mirror-image registration is wrong).
-BRAIN_LABELS = (
-    2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
-    41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60,
-)  # fmt: skip
-
 logger = logging.getLogger(__name__)
 
 
