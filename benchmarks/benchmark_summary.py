@@ -8,9 +8,7 @@ import csv
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
-from scripts.reports import rounded
+from scripts.reports import column, describe
 
 METHODS = ("keymorph", "ants", "elastix", "identity")
 
@@ -91,30 +89,17 @@ def stats(rows: list[dict]) -> dict:
     Failed cases count as Dice 0 (on labelled pairs) and have no TRE; ``n_failed`` says how many there are.
     """
 
-    def finite(key: str) -> np.ndarray:
-        values = np.array([r[key] for r in rows], dtype=np.float64)
-        return values[np.isfinite(values)]
-
-    dice, tre = finite("dice"), finite("tre_mm")
-    compute, total, memory = finite("seconds_compute"), finite("seconds_end_to_end"), finite("peak_rss_mb")
+    dice, tre = column(rows, "dice"), column(rows, "tre_mm")
     return {
         "n": len(rows),
         "n_failed": sum(r["status"] != "ok" for r in rows),
         "n_dice": int(len(dice)),
-        "dice_mean": rounded(dice.mean()) if len(dice) else None,
-        "dice_std": rounded(dice.std(ddof=1)) if len(dice) > 1 else None,
+        **describe(dice, "dice", ("mean", "std")),
         "n_tre": int(len(tre)),
-        "tre_mean_mm": rounded(tre.mean()) if len(tre) else None,
-        "tre_median_mm": rounded(np.median(tre)) if len(tre) else None,
-        "tre_max_mm": rounded(tre.max()) if len(tre) else None,
-        "seconds_compute_median": rounded(np.median(compute)) if len(compute) else None,
-        "seconds_compute_mean": rounded(compute.mean()) if len(compute) else None,
-        "seconds_compute_max": rounded(compute.max()) if len(compute) else None,
-        "seconds_end_to_end_median": rounded(np.median(total)) if len(total) else None,
-        "seconds_end_to_end_mean": rounded(total.mean()) if len(total) else None,
-        "seconds_end_to_end_max": rounded(total.max()) if len(total) else None,
-        "peak_rss_mb_median": rounded(np.median(memory)) if len(memory) else None,
-        "peak_rss_mb_max": rounded(memory.max()) if len(memory) else None,
+        **describe(tre, "tre", ("mean", "median", "max"), "_mm"),
+        **describe(column(rows, "seconds_compute"), "seconds_compute", ("median", "mean", "max")),
+        **describe(column(rows, "seconds_end_to_end"), "seconds_end_to_end", ("median", "mean", "max")),
+        **describe(column(rows, "peak_rss_mb"), "peak_rss_mb", ("median", "max")),
     }
 
 

@@ -26,6 +26,30 @@ def rounded(x) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
 
 
+def column(rows: list[dict], key: str, finite: bool = True) -> np.ndarray:
+    """The values of ``key`` in ``rows`` as float64, the finite ones only (unless ``finite`` is False)."""
+    values = np.array([r[key] for r in rows], dtype=np.float64)
+    return values[np.isfinite(values)] if finite else values
+
+
+_STATISTICS = {
+    "mean": (1, np.mean),
+    "std": (2, lambda v: v.std(ddof=1)),  # the sample standard deviation
+    "median": (1, np.median),
+    "max": (1, np.max),
+}
+
+
+def describe(values: np.ndarray, name: str, statistics: tuple[str, ...], unit: str = "") -> dict:
+    """``{f"{name}_{statistic}{unit}": value}`` for each of ``statistics`` (mean, std, median, max) of ``values``,
+    :func:`rounded`; None where there are too few values (none; fewer than 2 for the standard deviation)."""
+    out = {}
+    for statistic in statistics:
+        least, function = _STATISTICS[statistic]
+        out[f"{name}_{statistic}{unit}"] = rounded(function(values)) if len(values) >= least else None
+    return out
+
+
 def pyplot():
     """matplotlib's pyplot drawing to files only (the Agg backend), never a window."""
     import matplotlib
@@ -71,21 +95,13 @@ def _stats(rows: list[dict]) -> dict:
     ``dice_std`` is the sample standard deviation (None for fewer than 2 cases). Failed cases count in Dice as 0
     and have no TRE; ``n_failed`` says how many there are.
     """
-    dice = np.array([r["dice"] for r in rows], dtype=np.float64)
-    dice = dice[np.isfinite(dice)]
-    tre = np.array([r["tre_mm"] for r in rows], dtype=np.float64)
-    tre = tre[np.isfinite(tre)]
-    seconds = np.array([r["seconds"] for r in rows], dtype=np.float64)
-
+    dice, tre, seconds = column(rows, "dice"), column(rows, "tre_mm"), column(rows, "seconds", finite=False)
     return {
         "n": len(rows),
-        "dice_mean": rounded(dice.mean()) if len(dice) else None,
-        "dice_std": rounded(dice.std(ddof=1)) if len(dice) > 1 else None,
+        **describe(dice, "dice", ("mean", "std")),
         "n_tre": int(len(tre)),
-        "tre_mean_mm": rounded(tre.mean()) if len(tre) else None,
-        "tre_median_mm": rounded(np.median(tre)) if len(tre) else None,
-        "seconds_mean": rounded(seconds.mean()) if len(seconds) else None,
-        "seconds_median": rounded(np.median(seconds)) if len(seconds) else None,
+        **describe(tre, "tre", ("mean", "median"), "_mm"),
+        **describe(seconds, "seconds", ("mean", "median")),
         "n_failed": sum(r["status"] != "ok" for r in rows),
     }
 
