@@ -66,6 +66,15 @@ def is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
 
 
+def nifti_stem(path: str) -> str:
+    """``DIR/NAME.nii.gz`` (or ``.nii``, any case) -> ``NAME``: a case's name, a subject's id."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _reason(error: BaseException, path: str) -> str:
     """The first line of a library's error message, without the file name (the caller's message starts with it)."""
     lines = str(error).strip().splitlines()

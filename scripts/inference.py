@@ -40,20 +40,11 @@ from monai.transforms import apply_transform
 from scripts.case_outputs import case_done, extra_output_names, source_path
 from scripts.cli import as_bool, optional
 from scripts.errors import KeyMorphInputError, fail, first_line, message_naming, printable, workflow_step
-from scripts.image_io import is_nifti
+from scripts.image_io import is_nifti, nifti_stem
 from scripts.output_folder import SUMMARY_FILE, check_case_name
 from scripts.provenance import read_provenance, what_changed
 
 logger = logging.getLogger(__name__)
-
-
-def case_name(path: str) -> str:
-    """``IN_DIR/NAME.nii.gz`` -> ``NAME``."""
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def not_read_reason(file_name: str) -> str | None:
@@ -161,7 +152,7 @@ class RegistrationDataset(Dataset):
             names = [n for n in names if not fnmatch.fnmatch(n, pattern)]
         items = []
         for name in names:
-            stem = case_name(name)
+            stem = nifti_stem(name)
             item = {"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": []}
             if apply_to:
                 item["extra"] = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem))))
@@ -193,7 +184,7 @@ class RegistrationDataset(Dataset):
             extra = [os.path.join(root, p.strip()) for p in (row.get("extra") or "").split(";") if p.strip()]
             items.append(
                 {
-                    "name": (row.get("name") or "").strip() or case_name(moving),
+                    "name": (row.get("name") or "").strip() or nifti_stem(moving),
                     "image": moving,
                     "fixed": os.path.join(root, row["fixed"].strip()),
                     "extra": extra,

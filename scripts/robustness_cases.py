@@ -55,7 +55,7 @@ from scripts.brain_frame import brain_moments
 from scripts.coordinates import affine_of
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
-from scripts.image_io import moved_by, resample_world_aligned
+from scripts.image_io import moved_by, nifti_stem, resample_world_aligned
 from scripts.image_pairs import ImagePairDataset
 from scripts.random_motions import misalignment, random_axis
 from scripts.synthesis import CONTRAST_PRESETS, SynthesizeImaged, load_label_map
@@ -364,14 +364,6 @@ class ImageRobustnessDataset(RobustnessDataset):
         return self._item(fixed_index), self._item(moving_index)
 
 
-def _subject_id(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def held_out_label_maps(source: str, subjects: Sequence[str]) -> dict[str, str]:
     """``{subject id: path}`` of the label maps in the folder ``source`` whose file names contain an entry of
     ``subjects``; raises :class:`KeyMorphInputError` (one line) when a subject has none."""
@@ -382,7 +374,7 @@ def held_out_label_maps(source: str, subjects: Sequence[str]) -> dict[str, str]:
         if not found:
             raise KeyMorphInputError(f"{source}: no label map of the test subject {subject!r}")
         for path in found:
-            label_maps[_subject_id(path)] = path
+            label_maps[nifti_stem(path)] = path
     return label_maps
 
 
