@@ -255,21 +255,16 @@ def score_row(case: dict, dataset_name: str, method: str, result: dict) -> dict:
     """A row of ``cases.csv`` from a method's result (``matrix`` or ``error``) on a case."""
     import torch
 
-    from scripts.evaluation import score_case
+    from scripts.evaluation import score_answer
 
-    status, dice, tre = "ok", float("nan"), float("nan")
-    matrix = result.get("matrix")
+    status, matrix = "ok", result.get("matrix")
     if result.get("error") is None and matrix is not None:
         matrix = torch.as_tensor(np.asarray(matrix, dtype=np.float64))
-        if matrix.shape != (4, 4) or not bool(torch.isfinite(matrix).all()):
-            status = "failed: the method returned no finite 4x4 matrix"
     else:
         status = f"failed: {result.get('error') or 'no matrix'}"
-    if status == "ok":
-        dice, tre = score_case(case, matrix)
-    else:
+    status, dice, tre = score_answer(case, matrix, status)
+    if status != "ok":
         logger.warning(f"{case['case_id']} {method}: {status}")
-        dice = 0.0 if "label" in case["fixed"] else float("nan")
     fixed, moving = case["fixed"], case["moving"]
     return {
         "case": case["case_id"],

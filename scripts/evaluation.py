@@ -149,6 +149,17 @@ def score_case(case: dict, matrix: torch.Tensor) -> tuple[float, float]:
     return dice, tre
 
 
+def score_answer(case: dict, matrix: torch.Tensor | None, status: str = "ok") -> tuple[str, float, float]:
+    """``(status, dice, tre_mm)`` of a method's answer for a case: :func:`score_case` of ``matrix`` when ``status``
+    is "ok" and ``matrix`` a finite ``(4, 4)``; else the case failed (``status`` says why): Dice 0 (on a labelled
+    case), no TRE."""
+    if status == "ok" and (matrix is None or matrix.shape != (4, 4) or not bool(torch.isfinite(matrix).all())):
+        status = "failed: the method returned no finite 4x4 matrix"
+    if status == "ok":
+        return (status, *score_case(case, matrix))
+    return status, (0.0 if "label" in case["fixed"] else float("nan")), float("nan")
+
+
 class FiniteMean(Metric):
     """Ignite metric: the mean of the finite values of the outputs over a pass (a float or a tensor of per-case
     values per iteration); NaN when there is none. The sweep's key metric ``mean_dice`` is this on ``dice``."""
@@ -204,13 +215,9 @@ class RobustnessEvaluator(SupervisedEvaluator):
             reason = first_line(str(error))
             status = f"failed: {type(error).__name__}: {reason}"
         seconds = time.perf_counter() - start
-        if status == "ok" and (matrix.shape != (4, 4) or not torch.isfinite(matrix).all()):
-            status = "failed: the method returned no finite 4x4 matrix"
-        if status == "ok":
-            dice, tre = score_case(case, matrix)
-        else:
+        status, dice, tre = score_answer(case, matrix, status)
+        if status != "ok":
             logger.warning(f"case {case['case']}: {status}")
-            dice, tre = (0.0 if "label" in case["fixed"] else float("nan")), float("nan")
         fixed_modality, moving_modality = parse_modality_pair(case["modality_pair"])
         return {
             "case": case["case"],
