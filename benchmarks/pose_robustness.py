@@ -55,7 +55,9 @@ from scipy import ndimage
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BUNDLE_ROOT)
 
-from scripts.evaluation import misalignment, random_axis, resample_world_aligned, score_case  # noqa: E402
+from scripts.evaluation import score_case  # noqa: E402
+from scripts.image_io import resample_world_aligned  # noqa: E402
+from scripts.random_motions import misalignment, random_axis  # noqa: E402
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map, tissue_class  # noqa: E402
 
 CONTRASTS = ("T1", "T2", "PD", "FLAIR")

@@ -40,9 +40,11 @@ sys.path.insert(0, ROOT)  # the bundle root, for `scripts`
 from monai.transforms import LoadImage  # noqa: E402
 
 from scripts.bundle_api import load_config, load_state_dict  # noqa: E402
+from scripts.coordinates import affine_of  # noqa: E402
+from scripts.coordinates import turned  # noqa: E402
 from scripts.evaluation import score_case  # noqa: E402
 from scripts.qc import QC_THRESHOLDS, qc_scores  # noqa: E402
-from scripts.registration import GRID_TURNS, fit, keypoints_world, turned  # noqa: E402
+from scripts.registration import GRID_TURNS, fit, keypoints_world  # noqa: E402
 
 COLUMNS = ["case", "turn", "right", "residual_mm", "similarity", "dice", "tre_mm"]
 
@@ -72,8 +74,8 @@ def turn_rows(fixed_preprocessing, preprocessing, network, rotation_dir: str) ->
         case["fixed"].pop("label", None)
     fixed_image = fixed["image"][None]
     moving_image = moving["image"][None]
-    fixed_affine = torch.as_tensor(fixed_image.affine, dtype=torch.float64).reshape(1, 4, 4)
-    moving_affine = torch.as_tensor(moving_image.affine, dtype=torch.float64).reshape(1, 4, 4)
+    fixed_affine = affine_of(fixed_image)[None]
+    moving_affine = affine_of(moving_image)[None]
     rows = []
     with torch.no_grad():
         fixed_points = keypoints_world(network, fixed_image.as_tensor(), fixed_affine)

@@ -1,5 +1,6 @@
 """Closed-form fits of a transform to corresponding keypoints: affine, rigid, similarity and thin-plate spline.
 
+:data:`ALIGNERS` names them all behind one interface (a :class:`FittedTransform`: the matrix and the point map).
 All fits are batched and differentiable. They take ``source`` and ``target`` points of shape ``(B, N, 3)`` (the
 same row of each is one pair) and optional non-negative ``weights`` ``(B, N)``, and return the transform that maps
 ``source`` onto ``target`` in the least-squares sense. Registration fits fixed keypoints (source) to moving
@@ -8,6 +9,9 @@ keypoints (target), in world millimetres, which gives the fixed-to-moving matrix
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -140,4 +144,43 @@ def fit_residual(transform: torch.Tensor, source: torch.Tensor, target: torch.Te
     return (moved - target.to(transform.dtype)).pow(2).sum(-1).mean(-1).sqrt()
 
 
-ALIGNERS = {"affine": fit_affine, "rigid": fit_rigid, "similarity": fit_similarity}
+@dataclass
+class FittedTransform:
+    """What every aligner returns: the fitted fixed-to-moving transform as its ``(B, 4, 4)`` world matrix (for a
+    thin-plate spline, the weighted affine fit of the same points) and its point map (:meth:`__call__`).
+
+    ``spline`` is the thin-plate spline when the transform is one (a 4x4 matrix is then only its affine part), else
+    None: the matrix is the whole transform.
+    """
+
+    matrix: torch.Tensor
+    spline: ThinPlateSpline | None = None
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, M, 3)`` fixed-world points to moving-world points."""
+        return apply_affine(self.matrix, points) if self.spline is None else self.spline(points)
+
+
+def _matrix_aligner(fit_matrix: Callable) -> Callable:
+    def align(source, target, weights=None, tps_lambda: float = 0.0) -> FittedTransform:
+        return FittedTransform(fit_matrix(source, target, weights))
+
+    align.__doc__ = f"{fit_matrix.__name__} as an aligner (``tps_lambda`` unused)."
+    return align
+
+
+def fit_thin_plate_spline(source, target, weights=None, tps_lambda: float = 0.0) -> FittedTransform:
+    """A :class:`ThinPlateSpline` through the points (unweighted, smoothing ``tps_lambda``) with the weighted
+    affine fit as its matrix."""
+    return FittedTransform(fit_affine(source, target, weights), ThinPlateSpline(source, target, lam=tps_lambda))
+
+
+#: Every aligner by name: ``aligner(source, target, weights=None, tps_lambda=0.0) -> FittedTransform``.
+ALIGNERS = {
+    "affine": _matrix_aligner(fit_affine),
+    "rigid": _matrix_aligner(fit_rigid),
+    "similarity": _matrix_aligner(fit_similarity),
+    "tps": fit_thin_plate_spline,
+}
+#: The aligners whose transform is one 4x4 matrix: those inference offers (and the turn search compares).
+MATRIX_ALIGNERS = ("affine", "rigid", "similarity")

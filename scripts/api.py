@@ -30,8 +30,7 @@ from monai.bundle import ConfigWorkflow
 from scripts.cli import unknown_key
 from scripts.coordinates import ras_to_lps
 from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError
-from scripts.image_io import default_atlas_path
-from scripts.inference import case_name
+from scripts.image_io import default_atlas_path, nifti_stem
 from scripts.transform_io import read_itk_transform, read_keypoints_csv
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +159,7 @@ def register(
     with tempfile.TemporaryDirectory(prefix="keymorph-") as scratch:
         moving_path = _as_file(moving, scratch, "moving")
         fixed_path = _as_file(fixed, scratch, "fixed") if fixed is not None else default_atlas_path()
-        name = case_name(moving_path)
+        name = nifti_stem(moving_path)
         pairs_csv = os.path.join(scratch, "pairs.csv")
         with open(pairs_csv, "w", newline="") as handle:
             csv.writer(handle).writerows([("moving", "fixed", "name"), (moving_path, fixed_path, name)])

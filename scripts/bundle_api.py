@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.checkpoints import load_state_dict  # noqa: F401 (part of this module's interface)
 from scripts.keypoint_net import KeypointDetector
 
 INFERENCE_CONFIG = os.path.join("configs", "inference.yaml")
@@ -43,17 +44,6 @@ def load_config(bundle_root: str | os.PathLike = ".", config_file: str = INFEREN
     parser["bundle_root"] = root
     parser.update(overrides)
     return parser
-
-
-def load_state_dict(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The network's state dict from ``models/model.pt`` (a plain state dict) or from a training checkpoint that
-    holds it under ``"model"`` (``CheckpointSaver``'s format)."""
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{ckpt_path}: not a state dict (got {type(checkpoint).__name__})")
-    return checkpoint
 
 
 def load_network(

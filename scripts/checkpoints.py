@@ -132,8 +132,23 @@ def shared_latest_checkpoint(checkpoint_dir: str) -> str | None:
     return choice[0]
 
 
+def is_iteration_checkpoint(file_name: str) -> bool:
+    """Whether ``file_name`` is an interval or final checkpoint of a training run (``...iteration=N.pt``)."""
+    return _ITERATION.search(file_name) is not None
+
+
+def load_state_dict(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The network's state dict from ``ckpt_path``: a plain state dict (``models/model.pt``, ``model_best.pt``) or
+    a training checkpoint that holds it under ``"model"`` (``CheckpointSaver``'s format). Raises ``ValueError`` when
+    the file holds something else."""
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{ckpt_path}: not a state dict (got {type(checkpoint).__name__})")
+    return checkpoint
+
+
 def load_network_weights(network, path: str) -> None:
-    """Load a network's weights from ``path``: a plain state dict (``models/model.pt``, ``model_best.pt``) or a
-    training checkpoint holding one under ``model``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    network.load_state_dict(state["model"] if "model" in state and isinstance(state["model"], dict) else state)
+    """Load a network's weights from ``path`` (:func:`load_state_dict`)."""
+    network.load_state_dict(load_state_dict(path))

@@ -38,6 +38,19 @@ import torch.nn.functional as F
 RAS_LPS_FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
 
 
+def affine_of(image) -> torch.Tensor:
+    """The ``(4, 4)`` float64 voxel-to-world matrix of an image (a MetaTensor, or anything with an ``affine``:
+    a nibabel image); the identity for a plain tensor. For a batched MetaTensor, MONAI's ``(B, 4, 4)``."""
+    return torch.as_tensor(image.affine if hasattr(image, "affine") else torch.eye(4), dtype=torch.float64)
+
+
+def batched_affine(image) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 voxel-to-world matrices of a batched ``(B, C, D, H, W)`` MetaTensor (MONAI keeps one
+    ``(4, 4)`` or ``(B, 4, 4)``)."""
+    affine = affine_of(image)
+    return affine.expand(image.shape[0], 4, 4) if affine.ndim == 2 else affine
+
+
 def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply ``(B, 4, 4)`` (or ``(4, 4)``) homogeneous matrices to ``(B, N, 3)`` points; returns ``(B, N, 3)``."""
     return points @ matrix[..., :3, :3].transpose(-1, -2) + matrix[..., None, :3, 3]
@@ -103,6 +116,11 @@ def sampling_grid(
     return F.affine_grid(theta[:, :3, :].to(out_dtype), size, align_corners=True)
 
 
+def world_to_voxel(affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """World points ``(B, N, 3)`` (or ``(N, 3)``) to voxel indices of the grid of voxel-to-world ``affine``."""
+    return apply_affine(torch.linalg.inv(affine), points)
+
+
 def voxel_grid_world(affine: torch.Tensor, spatial_shape) -> torch.Tensor:
     """World coordinates ``(B, D*H*W, 3)`` of every voxel centre of a grid, in array (C) order."""
     axes = [torch.arange(int(s), dtype=affine.dtype, device=affine.device) for s in spatial_shape]
@@ -156,11 +174,34 @@ def rotation_angle_deg(matrix: torch.Tensor) -> float:
     return math.degrees(math.acos(float(cosine)))
 
 
+def grid_around(
+    points: torch.Tensor, spacing, frame: torch.Tensor | None = None, margin_mm=0.0
+) -> tuple[torch.Tensor, list[int]]:
+    """The grid whose axes run along the columns of ``frame`` (a ``(3, 3)`` rotation; None or identity:
+    world-aligned) with ``spacing`` mm (one value or three) that holds the world points ``(N, 3)`` and
+    ``margin_mm`` (one value or three, along the grid's axes) beyond them.
+
+    Returns:
+        The grid's ``(4, 4)`` float64 voxel-to-world matrix and its spatial shape.
+    """
+    frame = torch.eye(3, dtype=torch.float64) if frame is None else torch.as_tensor(frame, dtype=torch.float64)
+    along = torch.as_tensor(points, dtype=torch.float64) @ frame
+    margin = torch.as_tensor(margin_mm, dtype=torch.float64)
+    low, high = along.min(0).values - margin, along.max(0).values + margin
+    step = torch.as_tensor(spacing, dtype=torch.float64).expand(3)
+    shape = [int(n) for n in torch.ceil((high - low) / step - 1e-6).long() + 1]
+    grid = torch.eye(4, dtype=torch.float64)
+    grid[:3, :3] = frame * step
+    grid[:3, 3] = frame @ low
+    return grid, shape
+
+
 def covering_grid_along(
     frame: torch.Tensor, affine: torch.Tensor, spatial_shape, spacing
 ) -> tuple[torch.Tensor, list[int]]:
     """The grid whose axes run along the columns of ``frame`` (a ``(3, 3)`` rotation; identity: world-aligned) with
-    ``spacing`` mm (one value or three) that holds the whole field of view of an image (its voxel centres).
+    ``spacing`` mm (one value or three) that holds the whole field of view of an image (its voxel centres):
+    :func:`grid_around` its corners.
 
     Args:
         frame: ``(3, 3)`` unit world directions of the grid's axes i, j, k.
@@ -169,7 +210,6 @@ def covering_grid_along(
     Returns:
         The grid's ``(4, 4)`` float64 voxel-to-world matrix and its spatial shape.
     """
-    frame = torch.as_tensor(frame, dtype=torch.float64)
     corners = torch.tensor(
         [
             [i, j, k]
@@ -179,11 +219,35 @@ def covering_grid_along(
         ],
         dtype=torch.float64,
     )
-    along = apply_affine(torch.as_tensor(affine, dtype=torch.float64), corners) @ frame
-    low, high = along.min(0).values, along.max(0).values
-    step = torch.as_tensor(spacing, dtype=torch.float64).expand(3)
-    shape = [int(n) for n in torch.ceil((high - low) / step - 1e-6).long() + 1]
-    grid = torch.eye(4, dtype=torch.float64)
-    grid[:3, :3] = frame * step
-    grid[:3, 3] = frame @ low
-    return grid, shape
+    return grid_around(apply_affine(torch.as_tensor(affine, dtype=torch.float64), corners), spacing, frame)
+
+
+def centred_grid(axes: torch.Tensor, spacing: float, spatial_size: int, center: torch.Tensor) -> torch.Tensor:
+    """``(4, 4)`` float64 voxel-to-world matrix of a cubic grid of ``spatial_size`` voxels of ``spacing`` mm whose
+    axes run along the columns of the rotation ``axes`` ``(3, 3)`` and whose centre lies at ``center`` ``(3,)``."""
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = axes * spacing
+    affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (spatial_size - 1) / 2, dtype=torch.float64)
+    return affine
+
+
+def coarser_grid(affine: torch.Tensor, factor: int) -> torch.Tensor:
+    """The ``(..., 4, 4)`` voxel-to-world matrix of a grid ``factor`` times coarser than ``affine``'s, as
+    ``avg_pool3d(.., factor)`` makes it: a coarse cell's centre is the mean of its fine voxel centres (index ``j`` ->
+    fine index ``factor * j + (factor - 1) / 2``)."""
+    cells = torch.eye(4, dtype=affine.dtype, device=affine.device)
+    cells[:3, :3] *= factor
+    cells[:3, 3] = (factor - 1) / 2
+    return affine @ cells
+
+
+def turned(image: torch.Tensor, affine: torch.Tensor, axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same image ``(B, C, D, H, W)`` on its grid turned by 180 degrees (``axes`` flipped), and that grid's
+    ``(B, 4, 4)`` affine: exact (voxel ``i`` becomes ``S - 1 - i``), so the world content is unchanged."""
+    if not axes:
+        return image, affine
+    flip = torch.eye(4, dtype=affine.dtype, device=affine.device)
+    for axis in axes:
+        flip[axis, axis] = -1.0
+        flip[axis, 3] = image.shape[2 + axis] - 1
+    return image.flip([2 + axis for axis in axes]), affine @ flip

@@ -15,7 +15,6 @@ The true moving-to-fixed RAS matrices go to ``--truth_dir`` as ``NAME_affine_ras
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import nibabel as nib
@@ -24,19 +23,8 @@ import torch
 
 from scripts.coordinates import resample_onto
 from scripts.image_io import default_atlas_path, save_volume
+from scripts.random_motions import misalignment
 from scripts.transform_io import write_ras_matrix
-
-
-def rotation_about(axis: np.ndarray, degrees: float, center: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """4x4 rotation by ``degrees`` about ``axis`` through ``center`` (mm), then a translation ``shift`` (mm)."""
-    axis = axis / np.linalg.norm(axis)
-    angle = math.radians(degrees)
-    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation
-    matrix[:3, 3] = center - rotation @ center + shift
-    return matrix
 
 
 def t2_like(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
@@ -77,10 +65,10 @@ def make_demo_data(output_dir: str, truth_dir: str) -> list[str]:
     wm = np.asarray(load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
     center = affine[:3, :3] @ ((np.array(t1.shape) - 1) / 2) + affine[:3, 3]
     cases = {
-        "demo_t1_rot30": (t1, rotation_about(np.array([1.0, 0.2, 0.1]), 30, center, np.array([8.0, -5.0, 4.0])), 1.0),
+        "demo_t1_rot30": (t1, misalignment(30, [1.0, 0.2, 0.1], [1.0] * 3, [8.0, -5.0, 4.0], center).numpy(), 1.0),
         "demo_t2like_rot150": (
             t2_like(t1, gm, wm),
-            rotation_about(np.array([0.3, 0.2, 1.0]), 150, center, np.array([-6.0, 10.0, 0.0])),
+            misalignment(150, [0.3, 0.2, 1.0], [1.0] * 3, [-6.0, 10.0, 0.0], center).numpy(),
             (1.0, 1.0, 3.0),
         ),
     }

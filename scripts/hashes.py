@@ -15,6 +15,7 @@ All take ``--bundle_root`` (default: the bundle this module belongs to). ``updat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.cli import fail
+from scripts.errors import fail
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 LARGE_FILES = "large_files.yml"
@@ -36,7 +37,14 @@ class HashMismatch(Exception):
 
 
 def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB blocks."""
+    """Hex digest of a file, read in 1 MiB blocks once per file version (path, size and modification time) in a
+    process: the settings check and the provenance record of a run ask for the weights' sha256 both."""
+    stat = os.stat(path)
+    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, hash_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int, hash_type: str) -> str:
     digest = hashlib.new(hash_type)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -61,21 +69,42 @@ def entry_for(bundle_root: str | os.PathLike = BUNDLE_ROOT, path: str = WEIGHTS)
     raise KeyError(f"{path} has no entry in {Path(bundle_root, LARGE_FILES)}")
 
 
-def check_file(bundle_root: str | os.PathLike, entry: dict) -> None:
-    """Raise :class:`HashMismatch` (one line) unless ``entry``'s file exists and matches its ``hash_val``."""
-    path, expected, hash_type = entry["path"], str(entry["hash_val"] or ""), entry["hash_type"] or "sha256"
+def recorded_entry(bundle_root: str | os.PathLike, file: str | os.PathLike) -> dict | None:
+    """The ``large_files.yml`` entry of ``file`` (any path to it: the same real file) with a ``hash_val`` set, or
+    None when ``file`` is none of its files, its hash is not set or ``large_files.yml`` cannot be read."""
+    try:
+        entries = large_files(bundle_root)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+    target = os.path.realpath(file)
+    for entry in entries:
+        if not entry.get("path") or not entry.get("hash_val"):
+            continue
+        if os.path.realpath(os.path.join(bundle_root, str(entry["path"]))) == target:
+            return entry
+    return None
+
+
+def check_file(bundle_root: str | os.PathLike, entry: dict, shown: str | None = None) -> None:
+    """Raise :class:`HashMismatch` (one line starting with ``shown``, by default the entry's path) unless
+    ``entry``'s file exists and matches its ``hash_val``."""
+    path, expected, hash_type = entry["path"], str(entry["hash_val"] or "").strip(), entry["hash_type"] or "sha256"
+    shown = path if shown is None else shown
     full = Path(bundle_root, path)
     if not expected:
-        raise HashMismatch(f"{path}: large_files.yml has no hash_val; run `python -m scripts.hashes update`")
+        raise HashMismatch(f"{shown}: large_files.yml has no hash_val; run `python -m scripts.hashes update`")
     if not full.is_file():
         raise HashMismatch(
-            f"{path}: missing; fetch it with `python -m monai.bundle download_large_files --bundle_path {bundle_root}`"
+            f"{shown}: missing; fetch it with `python -m monai.bundle download_large_files --bundle_path {bundle_root}`"
         )
-    actual = file_hash(full, hash_type)
+    try:
+        actual = file_hash(full, hash_type)
+    except (OSError, ValueError) as error:
+        raise HashMismatch(f"{shown}: cannot compute its {hash_type} ({error})") from error
     if actual != expected.lower():
         raise HashMismatch(
-            f"{path}: {hash_type} {actual} does not match large_files.yml ({expected}); delete the file and run "
-            "`python -m monai.bundle download_large_files` to get the published weights, or, if these are newly "
+            f"{shown}: {hash_type} {actual} does not match large_files.yml ({expected}); delete the file and run "
+            f"`python -m monai.bundle download_large_files --bundle_path {bundle_root}` to get the published weights, or, if these are newly "
             "trained weights, record them with `python -m scripts.hashes update`"
         )
 

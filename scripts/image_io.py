@@ -29,6 +29,7 @@ import gzip
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -36,9 +37,9 @@ import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Orientation
 
-from scripts.coordinates import RAS_LPS_FLIP
+from scripts.coordinates import RAS_LPS_FLIP, affine_of, covering_grid_along, resample_onto
 from scripts.errors import KeyMorphInputError
 from scripts.transform_io import write_atomically
 
@@ -55,12 +56,23 @@ MAX_SHEAR = 1e-3
 # smallest voxel describe two different images (a mirrored or shifted qform). Both forms are stored as float32
 # (about 1e-4 mm apart when they agree); a tenth of a voxel leaves room for a near-orthogonal sform ITK tidies up.
 MAX_READER_DISAGREEMENT_VOXELS = 0.1
+# Two grids whose voxel-to-world matrices differ by less than this (mm) are one grid.
+GRID_ATOL_MM = 1e-4
 SPATIAL_UNIT_SCALE = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str) -> str:
+    """``DIR/NAME.nii.gz`` (or ``.nii``, any case) -> ``NAME``: a case's name, a subject's id."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _reason(error: BaseException, path: str) -> str:
@@ -243,6 +255,50 @@ def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
         "nonfinite_fraction": nonfinite,
     }
     return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(affine), meta=meta)
+
+
+def load_onto_grid(path: str, image: MetaTensor, require_contrast: bool = True) -> MetaTensor:
+    """Read a file that belongs with ``image`` (a label map, a mask) through :func:`load_volume`'s checks, reorient
+    it to RAS and bring it onto ``image``'s grid (nearest neighbour, through world coordinates) when it lies on
+    another; returns ``(1, D, H, W)`` float32 (values as in the file) with ``image``'s affine."""
+    loaded = Orientation(axcodes="RAS", labels=None)(load_volume(path, require_contrast))
+    loaded_affine, image_affine = affine_of(loaded), affine_of(image).cpu()
+    shape = tuple(image.shape[1:])
+    if tuple(loaded.shape[1:]) != shape or not torch.allclose(loaded_affine, image_affine, atol=GRID_ATOL_MM):
+        identity = torch.eye(4, dtype=torch.float64)
+        values = resample_onto(loaded.as_tensor(), loaded_affine, image_affine, shape, identity, mode="nearest")
+        loaded = MetaTensor(values, affine=image_affine, meta={"filename_or_obj": path})
+    return loaded
+
+
+def moved_by(image: torch.Tensor, matrix: torch.Tensor) -> MetaTensor:
+    """The same voxels with the voxel-to-world matrix ``matrix @ affine``: the content moved by ``matrix``, exactly."""
+    moved = image.clone() if isinstance(image, MetaTensor) else MetaTensor(torch.as_tensor(image))
+    moved.affine = matrix @ affine_of(moved)
+    return moved
+
+
+def resample_world_aligned(image: torch.Tensor, spacing: Sequence[float], mode: str = "bilinear") -> MetaTensor:
+    """Resample a ``(1, D, H, W)`` MetaTensor onto the world-aligned (RAS) grid of ``spacing`` mm ``(3,)`` that holds
+    its whole field of view (the bounding box of its voxel centres); outside the old field of view is 0.
+
+    ``mode`` "bilinear" (intensities) or "nearest" (masks, labels: dtype kept). Returns the resampled MetaTensor with
+    the new grid's affine.
+    """
+    affine = affine_of(image)
+    new_affine, new_shape = covering_grid_along(torch.eye(3, dtype=torch.float64), affine, image.shape[1:], spacing)
+    data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    resampled = resample_onto(data, affine, new_affine, new_shape, torch.eye(4, dtype=torch.float64), mode=mode)
+    meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+    meta.pop("affine", None)
+    meta["spatial_shape"] = np.array(new_shape)
+    return MetaTensor(resampled, affine=new_affine, meta=meta)
+
+
+def source_name(image) -> str:
+    """The file an image was read from (its ``filename_or_obj``), ``<image>`` when it has none."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    return str(meta.get("filename_or_obj", "<image>"))
 
 
 def is_label_map(path: str) -> bool:

@@ -21,28 +21,23 @@ from __future__ import annotations
 import copy
 
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    Orientation,
-    Orientationd,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+from monai.transforms import Compose, CropForegroundd, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
 from monai.utils.type_conversion import convert_to_dst_type
 from tqdm import tqdm
 
-from scripts.coordinates import resample_onto
-from scripts.image_io import LoadVolumed, load_volume
+from scripts.brain_frame import anti_aliased
+from scripts.coordinates import affine_of
+from scripts.image_io import LoadVolumed, load_onto_grid
 from scripts.random_draws import RandomDrawDataset
 from scripts.skull_strip import SkullStripd
-from scripts.transforms import _anti_alias
 
 #: Voxels of air kept around the brain mask when the cached images are cropped (room for the blur of framing).
 CROP_MARGIN = 4
-# Affines that differ by less than this (mm) describe the same grid.
-_GRID_ATOL_MM = 1e-4
+
+
+def load_label_on_grid(path: str, image) -> torch.Tensor:
+    """A label map on ``image``'s grid (:func:`scripts.image_io.load_onto_grid`), ``(1, D, H, W)`` int32."""
+    return load_onto_grid(path, image).round().to(torch.int32)
 
 
 def default_preprocessing() -> Compose:
@@ -55,20 +50,6 @@ def default_preprocessing() -> Compose:
             ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
-
-
-def load_label_on_grid(path: str, image: MetaTensor) -> MetaTensor:
-    """Read a label map, reorient it to RAS and bring it onto ``image``'s grid (nearest neighbour, through world
-    coordinates) when it lies on another; returns ``(1, D, H, W)`` int32 with ``image``'s affine."""
-    label = Orientation(axcodes="RAS", labels=None)(load_volume(path))
-    label_affine = torch.as_tensor(label.affine, dtype=torch.float64)
-    image_affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    shape = tuple(image.shape[1:])
-    if tuple(label.shape[1:]) != shape or not torch.allclose(label_affine, image_affine, atol=_GRID_ATOL_MM):
-        identity = torch.eye(4, dtype=torch.float64)
-        values = resample_onto(label.as_tensor(), label_affine, image_affine, shape, identity, mode="nearest")
-        label = MetaTensor(values, affine=image_affine, meta={"filename_or_obj": path})
-    return label.round().to(torch.int32)
 
 
 class ImagePreparation:
@@ -114,7 +95,7 @@ class ImagePreparation:
             modes.append("nearest")
         if self.spacing is not None:
             image = item["image"]
-            blurred = _anti_alias(image.as_tensor(), torch.as_tensor(image.affine, dtype=torch.float64), self.spacing)
+            blurred = anti_aliased(image.as_tensor(), affine_of(image), self.spacing)
             item["image"] = convert_to_dst_type(blurred, image)[0]
             item = Spacingd(keys, pixdim=self.spacing, mode=modes, padding_mode="zeros")(item)
         item["mask"] = (item["mask"] > 0.5).to(torch.uint8)
@@ -144,8 +125,8 @@ class ImagePairDataset(RandomDrawDataset):
     images of one subject, of two modalities when it has them (always one subject when the datalist has only one;
     an image is paired with itself when its subject has no other). Its true transform is known (see the module
     docstring), so ``same_subject`` is True for it. Each image goes through ``augmentation`` (a
-    :class:`scripts.transforms.RandWorldAffined` on image, label and mask) and ``frame`` (a
-    :class:`scripts.transforms.BrainFramed`); items hold ``image``, ``mask``, ``label`` (when the datalist gives
+    :class:`scripts.random_motions.RandWorldAffined` on image, label and mask) and ``frame`` (a
+    :class:`scripts.brain_frame.BrainFramed`); items hold ``image``, ``mask``, ``label`` (when the datalist gives
     one) as ``(1, S, S, S)`` MetaTensors on the network grid, ``world_transform`` ``(4, 4)`` float64 and
     ``modality``.
 
@@ -197,10 +178,6 @@ class ImagePairDataset(RandomDrawDataset):
         self.subjects = list(by_subject.values())
         self.world = world_transforms(self.datalist)
         self.cache = self.preparation.prepare_all(self.datalist)
-
-    def prepare(self, entry: dict) -> dict:
-        """The kept form of one datalist entry (see :class:`ImagePreparation`)."""
-        return self.preparation(entry)
 
     def __len__(self) -> int:
         return self.length

@@ -1,34 +1,23 @@
-"""Registering a folder of NIfTI files: the dataset, the evaluator and the writer of ``configs/inference.yaml``.
+"""Registering a folder of NIfTI files: the dataset and the evaluator of ``configs/inference.yaml``.
 
-For ``IN_DIR/NAME.nii.gz`` the writer fills ``OUT_DIR/NAME/`` with ``registered.nii.gz`` (the ORIGINAL moving image
-resampled onto the fixed image's native grid, with the fixed header), the transform files of
-:func:`scripts.transform_io.write_transform_files` (``transform.tfm``: ITK, fixed -> moving physical points, LPS;
-its inverse; ``affine_ras.txt``: moving RAS mm -> fixed RAS mm; FSL FLIRT and FreeSurfer LTA files),
-``moving_mask.nii.gz`` (the moving brain mask on the moving grid), ``keypoints_moving.csv`` and
-``keypoints_fixed.csv`` (RAS mm), ``qc.png`` (the fixed image's edges over the registered image, fixed grid),
-``qc_keypoints.png`` (the network grids with the keypoints), optionally ``registered_header_only.nii.gz`` (the moving
-voxels with the header moved into the fixed space) and, for each accompanying image ``EXTRA`` (``apply_to``),
-``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per input and ``OUT_DIR/index.html`` shows them all,
-worst first (:mod:`scripts.qc_report`).
+:class:`RegistrationDataset` lists the cases (folder mode: every ``.nii``/``.nii.gz`` of ``IN_DIR``; pairs mode: a
+CSV) and preprocesses each; :class:`RegistrationEvaluator` registers each moving image to its fixed image;
+:class:`scripts.case_outputs.RegistrationWriter` writes the results; :func:`run_registration` runs it all with the
+command line's exit codes.
 
 Failures and reruns:
 
 * A bad input never stops the folder: it gets status ``error`` and a one-line message naming the file, and the
-  next input is registered. Registered cases get ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc`
-  flags them.
+  next input is registered.
 * Case names name folders of OUT_DIR, so they are checked (:mod:`scripts.output_folder`): one path component, not
   hidden, not a file of the run such as ``summary.csv``; an invalid name is an ``error`` row naming the input, and
   every path the writer creates goes through one guard that keeps it inside OUT_DIR. One run at a time writes to a
   folder (``OUT_DIR/.keymorph.lock``); a second one is refused with one line naming the PID of the first.
-* Outputs are atomic per case: the files are written into a hidden staging folder ``OUT_DIR/.keymorph-tmp-*``,
-  which then replaces ``OUT_DIR/NAME`` as a whole (rename), so ``OUT_DIR/NAME`` is either absent, the complete old
-  result or the complete new one, never a mix, even after a crash or kill (leftover hidden folders are removed by
-  the next run). Overwriting replaces the whole case folder, files added to it by hand included.
-* A case is done when ``OUT_DIR/NAME`` holds every output file (including ``registered_EXTRA``) and its
-  ``provenance.json`` (:mod:`scripts.provenance`) matches what the run would record now (fixed, moving, mask and
-  accompanying files, weights, result-changing settings). Done cases are skipped without being preprocessed, and
-  keep their earlier summary row, unless ``overwrite`` is set; cases recorded otherwise are redone, their row
-  saying what changed. Failed cases have no folder, so a rerun retries them.
+* A case is done when ``OUT_DIR/NAME`` holds every output file (:func:`scripts.case_outputs.case_done`, including
+  ``registered_EXTRA``) and its ``provenance.json`` (:mod:`scripts.provenance`) matches what the run would record
+  now (fixed, moving, mask and accompanying files, weights, result-changing settings). Done cases are skipped
+  without being preprocessed, and keep their earlier summary row, unless ``overwrite`` is set; cases recorded
+  otherwise are redone, their row saying what changed. Failed cases have no folder, so a rerun retries them.
 * Hidden NIfTI files, MGH/MGZ and Analyze/NIfTI-pair files of the input folder are not read; each gets a
   ``skipped`` row saying why (:func:`not_read_reason`).
 """
@@ -40,133 +29,22 @@ import fnmatch
 import glob
 import logging
 import os
-import shutil
 import time
 
-import nibabel as nib
-import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import apply_transform
 
+from scripts.case_outputs import case_done, extra_output_names, source_path
 from scripts.cli import as_bool, optional
-from scripts.coordinates import resample_onto
-from scripts.errors import KeyMorphInputError
-from scripts.image_io import header_moved, is_label_map, is_nifti, load_volume, save_volume
-from scripts.output_folder import (
-    INDEX_FILE,
-    STAGING_PREFIX,
-    SUMMARY_FILE,
-    RunLock,
-    check_case_name,
-    inside,
-    printable,
-    staging_name,
-)
-from scripts.provenance import PROVENANCE_FILE, read_provenance, what_changed, write_provenance
-from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
-from scripts.qc_report import edges_figure, write_index
-from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
+from scripts.errors import KeyMorphInputError, fail, first_line, message_naming, printable, workflow_step
+from scripts.image_io import is_nifti, nifti_stem
+from scripts.output_folder import SUMMARY_FILE, check_case_name
+from scripts.provenance import read_provenance, what_changed
 
 logger = logging.getLogger(__name__)
-
-MASK_FILE = "moving_mask.nii.gz"
-OUTPUT_FILES = (
-    "registered.nii.gz",
-    "transform.tfm",
-    "transform_inverse.tfm",
-    "affine_ras.txt",
-    "transform_flirt.mat",
-    "transform.lta",
-    MASK_FILE,
-    "keypoints_moving.csv",
-    "keypoints_fixed.csv",
-    "qc.png",
-    "qc_keypoints.png",
-    PROVENANCE_FILE,
-)
-# with header_only: the moving image, voxels untouched, its header moved into the fixed space
-HEADER_ONLY_FILE = "registered_header_only.nii.gz"
-SUMMARY_COLUMNS = [
-    "name",
-    "status",
-    "message",
-    "seconds",
-    "keypoint_residual_mm",
-    "similarity",
-    "brain_fill",
-    "smoothness",
-]
-STATUSES = ("ok", "suspect", "error", "skipped")
-
-
-def case_name(path: str) -> str:
-    """``IN_DIR/NAME.nii.gz`` -> ``NAME``."""
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def extra_output_names(paths) -> list[str]:
-    """File names of a case's accompanying images once registered, in order: ``registered_`` + the image's file
-    name or, for images sharing a file name (``labels/a_seg.nii.gz``, ``lesions/a_seg.nii.gz``), + as many of its
-    parent folders as tell them apart (``registered_labels_a_seg.nii.gz``); raises :class:`KeyMorphInputError` when
-    two names still clash (one would overwrite the other)."""
-    split = [os.path.normpath(p).split(os.sep) for p in paths]
-    names = []
-    for parts in split:
-        depth = 1
-        while depth < len(parts) and any(o != parts and o[-depth:] == parts[-depth:] for o in split):
-            depth += 1
-        names.append("registered_" + "_".join(parts[-depth:]))
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise KeyMorphInputError(f"accompanying images would overwrite each other as {', '.join(clashes)}")
-    return names
-
-
-def case_done(output_dir: str, name: str, extra=()) -> bool:
-    """Whether ``output_dir/name`` holds every output of a case with these accompanying images."""
-    folder = os.path.join(output_dir, name)
-    expected = [*OUTPUT_FILES, *extra_output_names(extra)]
-    return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
-
-
-def _one_line(error: BaseException | str) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _source(item: dict) -> str:
-    """The moving image's path of a dataset item, before or after preprocessing (then a MetaTensor)."""
-    image = item.get("original", item["image"])
-    if isinstance(image, str):
-        return image
-    return str(getattr(image, "meta", {}).get("filename_or_obj", item.get("name", "<image>")))
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    """The KeyMorphInputError (else the innermost error) behind MONAI's ``RuntimeError("applying transform ...")``
-    wrappers."""
-    chain = [error]
-    while chain[-1].__cause__ is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__)
-    return next((e for e in chain if isinstance(e, KeyMorphInputError)), chain[-1])
-
-
-def _naming(error: BaseException, path: str) -> str:
-    """A one-line message for an exception while handling ``path``: starts with the file (a line break in its name
-    written as ``\\n``, so the reason after it is kept)."""
-    error = _unwrap(error)
-    shown = printable(path)
-    reason = _one_line(str(error).replace(path, shown) if path else error)
-    if isinstance(error, KeyMorphInputError):
-        return reason if shown in reason else f"{shown}: {reason}"
-    return f"{shown}: {type(error).__name__}" + (f": {reason}" if reason else "")
 
 
 def not_read_reason(file_name: str) -> str | None:
@@ -274,7 +152,7 @@ class RegistrationDataset(Dataset):
             names = [n for n in names if not fnmatch.fnmatch(n, pattern)]
         items = []
         for name in names:
-            stem = case_name(name)
+            stem = nifti_stem(name)
             item = {"name": stem, "image": os.path.join(dataset_dir, name), "fixed": fixed_image, "extra": []}
             if apply_to:
                 item["extra"] = sorted(glob.glob(os.path.join(dataset_dir, apply_to.replace("{name}", stem))))
@@ -295,7 +173,7 @@ class RegistrationDataset(Dataset):
             with open(pairs_csv, newline="", encoding="utf-8-sig") as handle:
                 rows = list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise KeyMorphInputError(f"{pairs_csv}: cannot read the pairs CSV ({_one_line(error)})") from None
+            raise KeyMorphInputError(f"{pairs_csv}: cannot read the pairs CSV ({first_line(error)})") from None
         if not rows or not {"moving", "fixed"} <= set(rows[0]):
             raise KeyMorphInputError(f"{pairs_csv}: needs a header with the columns 'moving' and 'fixed'")
         items = []
@@ -306,7 +184,7 @@ class RegistrationDataset(Dataset):
             extra = [os.path.join(root, p.strip()) for p in (row.get("extra") or "").split(";") if p.strip()]
             items.append(
                 {
-                    "name": (row.get("name") or "").strip() or case_name(moving),
+                    "name": (row.get("name") or "").strip() or nifti_stem(moving),
                     "image": moving,
                     "fixed": os.path.join(root, row["fixed"].strip()),
                     "extra": extra,
@@ -333,7 +211,7 @@ class RegistrationDataset(Dataset):
         try:
             result = apply_transform(self.transform, item) if self.transform is not None else item
         except Exception as error:  # KeyMorphInputError, or a library failing on a file we did not foresee
-            result = {**item, "error": _naming(error, item["image"])}
+            result = {**item, "error": message_naming(error, item["image"])}
         return {**result, "seconds": time.perf_counter() - start}
 
 
@@ -376,7 +254,7 @@ class RegistrationEvaluator(SupervisedEvaluator):
             try:
                 self._fixed_cache[path] = self.fixed_preprocessing({"image": path})
             except Exception as error:
-                self._fixed_cache[path] = f"fixed image {_naming(error, path)}"
+                self._fixed_cache[path] = f"fixed image {message_naming(error, path)}"
         cached = self._fixed_cache[path]
         if isinstance(cached, str):
             raise KeyMorphInputError(cached)
@@ -402,317 +280,21 @@ class RegistrationEvaluator(SupervisedEvaluator):
                     fixed_mask=fixed["mask"][None].to(engine.state.device),
                 )
         except Exception as error:
-            logger.debug("registration of %s failed", _source(item), exc_info=True)
-            message = _naming(error, _source(item))
+            logger.debug("registration of %s failed", source_path(item), exc_info=True)
+            message = message_naming(error, source_path(item))
             return {**base, "status": "error", "message": message, "seconds": time.perf_counter() - start}
         return {**base, "status": "ok", "registration": registration, "fixed": fixed, "moving": item, "start": start}
 
 
-def _remove_leftovers(output_dir: str) -> None:
-    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-HASH`` and
-    temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
-    kept)."""
-    for name in os.listdir(output_dir):
-        if name.startswith(STAGING_PREFIX):
-            field = 2
-        elif name.startswith(".tmp-"):
-            field = 1
-        else:
-            continue
-        try:
-            pid = int(name.split("-")[field])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and _alive(pid):
-            continue
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-
-
-def _alive(pid: int) -> bool:
+@workflow_step
+def run_registration(evaluator) -> None:
+    """Run the inference evaluator; exit 1 when any input failed (saying how many), 2 on a bad setting."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def replace_folder(staging: str, final: str) -> None:
-    """Put the complete folder ``staging`` in place of ``final`` (absent or a complete earlier result) by renames.
-
-    ``final`` is never a mix of both: it is renamed away first, then ``staging`` renamed to it, then the old copy
-    removed. A kill between the two renames leaves ``final`` absent (the case is redone on the next run).
-    """
-    parent, name = os.path.split(final)
-    if os.path.lexists(final):
-        old = inside(parent, staging_name("old", name))
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, final)
-
-
-def read_summary_rows(path: str) -> dict[str, dict]:
-    """The rows of an earlier ``summary.csv`` by case name, also after a spreadsheet saved it: UTF-8 with or
-    without a byte-order mark, else Windows-1252 (with a warning; the file is rewritten as UTF-8), comma,
-    semicolon or tab separated. Raises :class:`KeyMorphInputError` when it cannot be read at all (rather than
-    overwriting it)."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as error:
-        raise KeyMorphInputError(f"{path}: cannot read the earlier summary ({error.strerror or error})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
-        logger.warning(f"{path}: not UTF-8 (saved by a spreadsheet?); read as Windows-1252, rewritten as UTF-8")
-    try:
-        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    rows = list(csv.DictReader(text.splitlines(), delimiter=dialect.delimiter))
-    if rows and "name" not in rows[0]:
-        logger.warning(f"{path}: no 'name' column; its rows are not kept")
-    return {row["name"]: row for row in rows if row.get("name")}
-
-
-def _seconds(value) -> str:
-    """A duration for the summary, two decimals; also from a spreadsheet's ``1,5`` (empty when unreadable)."""
-    try:
-        return f"{float(str(value or 0).replace(',', '.')):.2f}"
-    except ValueError:
-        return ""
-
-
-class RegistrationWriter:
-    """Ignite handler writing each case's files and ``summary.csv`` (see the module docstring).
-
-    Args:
-        output_dir: OUT_DIR.
-        similarity_threshold: cases whose aligned-image similarity (see :mod:`scripts.qc`) falls below it are
-            marked "suspect".
-        residual_threshold: likewise for the keypoint fit residual in mm (above it: "suspect").
-        max_brain_fill: likewise for the fraction of the moving image inside its brain mask (above it: "suspect").
-        min_smoothness: likewise for the correlation of neighbouring moving brain voxels (below it: "suspect").
-        header_only: also write ``registered_header_only.nii.gz`` (:func:`scripts.image_io.header_moved`).
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        similarity_threshold: float = QC_THRESHOLDS["min_similarity"],
-        residual_threshold: float = QC_THRESHOLDS["max_residual_mm"],
-        max_brain_fill: float = QC_THRESHOLDS["max_brain_fill"],
-        min_smoothness: float = QC_THRESHOLDS["min_smoothness"],
-        header_only: bool = False,
-    ):
-        self.output_dir = output_dir
-        self.header_only = as_bool(header_only, "header_only")
-        self.thresholds = {
-            "min_similarity": float(similarity_threshold),
-            "max_residual_mm": float(residual_threshold),
-            "max_brain_fill": float(max_brain_fill),
-            "min_smoothness": float(min_smoothness),
-        }
-        self.rows: dict[str, dict] = {}
-        self.counts: dict[str, int] = {}
-        self.lock = RunLock(output_dir)
-        self.summary_problem: str | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._load_summary)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._report)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
-
-    @property
-    def summary_path(self) -> str:
-        return os.path.join(self.output_dir, SUMMARY_FILE)
-
-    def _release_and_raise(self, engine: Engine, error: BaseException) -> None:
-        self.lock.release()
-        raise error
-
-    @property
-    def index_path(self) -> str:
-        return os.path.join(self.output_dir, INDEX_FILE)
-
-    def _load_summary(self, engine: Engine) -> None:
-        """Take the output folder (:class:`scripts.output_folder.RunLock`), clean what a killed run left and read
-        the earlier summary rows."""
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.lock.acquire()
-        _remove_leftovers(self.output_dir)
-        self.counts = {}
-        if os.path.exists(self.summary_path):
-            self.rows = read_summary_rows(self.summary_path)
-
-    def __call__(self, engine: Engine) -> None:
-        output = engine.state.output
-        row = {key: output.get(key, "") for key in SUMMARY_COLUMNS}
-        if output["status"] == "skipped":
-            row = self.rows.get(output["name"], row)
-        elif output["status"] == "ok":
-            moving_path = _source(output["moving"])
-            try:
-                row.update(self._write_case(output))
-            except Exception as error:  # one case must never stop the folder
-                logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
-                row.update(status="error", message=_naming(error, moving_path))
-            row["seconds"] = time.perf_counter() - output["start"]
-        row["seconds"] = _seconds(row.get("seconds"))
-        self.rows[output["name"]] = row
-        status = "skipped" if output["status"] == "skipped" else row["status"]
-        self.counts[status] = self.counts.get(status, 0) + 1
-        if status == "error":
-            logger.error(row["message"])
-        elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
-            logger.warning(f"{output['name']}: {row['message']}")
-        self._try_write_summary()
-
-    def _try_write_summary(self) -> None:
-        """Write the summary; when the folder stops taking files (read-only, full), keep the rows in memory, warn
-        once, and let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
-        try:
-            self._write_summary()
-            self.summary_problem = None
-        except OSError as error:
-            if self.summary_problem is None:
-                logger.warning(f"{self.summary_path}: cannot write ({error.strerror or error}); trying on")
-            self.summary_problem = error.strerror or str(error)
-
-    def _write_case(self, output: dict) -> dict:
-        """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
-        name = output["name"]
-        final = inside(self.output_dir, name)
-        staging = inside(self.output_dir, staging_name("tmp", name))
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        try:
-            fields = self._write_files(output, staging)
-            replace_folder(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return fields
-
-    def _write_files(self, output: dict, folder: str) -> dict:
-        registration, fixed, moving = output["registration"].to("cpu"), output["fixed"], output["moving"]
-        moving_volume = moving["original"]
-        source = moving_volume.meta.get("filename_or_obj", output["name"])
-        matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)
-        if not bool(torch.isfinite(matrix).all()) or abs(float(torch.linalg.det(matrix[:3, :3]))) < 1e-6:
-            raise KeyMorphInputError(f"{source}: registration failed (the fitted transform is degenerate)")
-        fixed_file = nib.load(fixed["image"].meta["filename_or_obj"])
-        fixed_affine = torch.from_numpy(np.asarray(fixed_file.affine, dtype=np.float64))
-        registered = resample_onto(
-            moving_volume.as_tensor(),
-            torch.as_tensor(moving_volume.affine, dtype=torch.float64),
-            fixed_affine,
-            fixed_file.shape[:3],
-            matrix,
-        )[0]
-        save_volume(os.path.join(folder, "registered.nii.gz"), registered.numpy(), fixed_file, np.float32)
-        for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
-            self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
-        moving_file = nib.load(source)
-        write_transform_files(folder, matrix, fixed_file, moving_file)
-        self._write_moving_mask(moving["native_mask"], moving_file, folder)
-        if self.header_only:
-            moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
-            write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
-        record = moving.get("provenance") or {}
-        write_atomically(os.path.join(folder, PROVENANCE_FILE), lambda p: write_provenance(p, record))
-        for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
-            path = os.path.join(folder, f"keypoints_{role}.csv")
-            write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
-        scores = qc_scores(registration, fixed, moving)
-        title = f"{output['name']}: fixed image edges over the registered image"
-        write_atomically(os.path.join(folder, "qc.png"), lambda p: edges_figure(p, registered, fixed_file, title))
-        write_atomically(os.path.join(folder, "qc_keypoints.png"), lambda p: qc_figure(p, registration, fixed, moving))
-        reasons = qc_flags(scores, self.thresholds)
-        notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
-        notes += moving.get("notes", [])
-        nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
-        if nonfinite > 0:
-            notes.append(f"{100 * nonfinite:.2g}% of the voxels were NaN or infinite (set to 0)")
-        return {
-            "status": "suspect" if reasons else "ok",
-            "message": "; ".join(notes),
-            "keypoint_residual_mm": f"{scores['residual']:.3f}",
-            "similarity": f"{scores['similarity']:.4f}",
-            "brain_fill": f"{scores['brain_fill']:.4f}",
-            "smoothness": f"{scores['smoothness']:.4f}",
-        }
-
-    @staticmethod
-    def _write_moving_mask(mask, moving_file, folder: str) -> None:
-        """Write the moving brain mask (found on the RAS-reoriented grid) on the moving file's own grid, voxel for
-        voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8 0/1."""
-        native = resample_onto(
-            mask.as_tensor().cpu(),
-            torch.as_tensor(mask.affine, dtype=torch.float64),
-            torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
-            moving_file.shape[:3],
-            torch.eye(4, dtype=torch.float64),
-            mode="nearest",
-        )[0]
-        save_volume(os.path.join(folder, MASK_FILE), (native > 0.5).numpy(), moving_file, np.uint8)
-
-    @staticmethod
-    def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
-        """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
-        (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
-        volume = load_volume(path, require_contrast=False)
-        moving_affine = torch.as_tensor(volume.affine, dtype=torch.float64)
-        if not is_label_map(path):
-            warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]
-            save_volume(target, warped.numpy(), fixed_file, np.float32)
-            return
-        # Label values need not fit float32 (2**24 + 1 does not), which the resampling computes in: it moves the
-        # 1-based rank of each voxel's value among the image's values instead (0: outside the moving image).
-        labels = np.asanyarray(nib.load(path).dataobj).reshape(volume.shape[1:])
-        values, ranks = np.unique(labels, return_inverse=True)
-        if len(values) >= 2**24:
-            raise KeyMorphInputError(f"{path}: more than 2**24 distinct label values")
-        ranks = torch.from_numpy((ranks.reshape(labels.shape) + 1).astype(np.float32))[None]
-        del volume
-        warped = resample_onto(ranks, moving_affine, fixed_affine, fixed_file.shape[:3], matrix, mode="nearest")[0]
-        warped = warped.numpy().astype(np.int64)
-        dtype = nib.load(path).get_data_dtype()
-        out = np.where(warped > 0, values[np.maximum(warped - 1, 0)], 0).astype(dtype)
-        save_volume(target, out, fixed_file, dtype)
-
-    def _write_summary(self) -> None:
-        def write(path: str) -> None:
-            with open(path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows.values())
-
-        write_atomically(self.summary_path, write)
-        write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
-
-    def _report(self, engine: Engine) -> None:
-        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
-        let go of the output folder. Raises :class:`KeyMorphInputError` when the summary could not be written (the
-        output folder stopped taking files during the run)."""
-        if self.summary_problem is not None:
-            self._try_write_summary()
-        self.lock.release()
-        engine.state.registration_counts = dict(self.counts)
-        total = sum(self.counts.values())
-        parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
-        if self.summary_problem is not None:
-            raise KeyMorphInputError(
-                f"{self.summary_path}: cannot write the summary ({self.summary_problem}): the output folder stopped"
-                f" taking files during the run; {total} input(s) this run: {parts or 'none'}"
-            )
-        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")
+        evaluator.run()
+    except KeyMorphInputError as error:
+        fail(str(error))
+    counts = getattr(evaluator.state, "registration_counts", {})
+    failed = counts.get("error", 0)
+    if failed:
+        summary = os.path.join(getattr(evaluator, "output_dir", "."), SUMMARY_FILE)
+        fail(f"{failed} of {sum(counts.values())} input(s) failed; see {summary} for each message", code=1)

@@ -51,15 +51,14 @@ import torch
 from monai.transforms import CropForeground
 from tqdm import tqdm
 
-from scripts.cli import fail
-from scripts.coordinates import apply_affine, resample_onto
+from scripts.coordinates import affine_of, apply_affine, grid_around, resample_onto
 from scripts.datalists import TRANSFORM_COLUMNS, TRANSFORMS_CSV, read_transforms_csv
-from scripts.errors import KeyMorphInputError
+from scripts.errors import KeyMorphInputError, fail
 from scripts.image_io import save_volume
+from scripts.random_motions import random_affine_matrix
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map, synthesize
 from scripts.training_data import find_label_maps
 from scripts.transform_io import write_atomically
-from scripts.transforms import random_affine_matrix
 
 MODALITIES = ("T1", "T2", "PD")
 SITE = "Synth"
@@ -99,15 +98,8 @@ def covering_grid(
     voxels = torch.nonzero(foreground).to(torch.float64)
     # a voxel is a box: its corners reach half a voxel beyond its centre along each (possibly turned) axis
     reach = (move[:3, :3] @ affine[:3, :3]).abs().sum(dim=1) / 2
-    points = apply_affine(move @ affine, voxels)
-    low = points.min(0).values - reach - MARGIN_MM
-    high = points.max(0).values + reach + MARGIN_MM
-    step = torch.as_tensor(spacing, dtype=torch.float64)
-    shape = tuple(int(n) for n in torch.ceil((high - low) / step).long() + 1)
-    grid = torch.eye(4, dtype=torch.float64)
-    grid[:3, :3] = torch.diag(step)
-    grid[:3, 3] = low
-    return grid, shape
+    grid, shape = grid_around(apply_affine(move @ affine, voxels), spacing, margin_mm=reach + MARGIN_MM)
+    return grid, tuple(shape)
 
 
 def _save(path: str, data: torch.Tensor, affine: torch.Tensor, dtype) -> None:
@@ -147,7 +139,7 @@ def make_subject(
         )
         images[modality] = again["image"]
 
-    affine = torch.as_tensor(anatomy.affine, dtype=torch.float64)
+    affine = affine_of(anatomy)
     brain = first["mask"][0] > 0.5
     centre = apply_affine(affine, torch.nonzero(brain).to(torch.float64)).mean(0)
     rng = np.random.RandomState(int(seeds[-1]))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from scripts.coordinates import apply_affine
-from scripts.training_data import BRAIN_LABELS
+from scripts.coordinates import affine_of, apply_affine, world_to_voxel
+
+#: FreeSurfer brain structures scored by Dice (left and right kept apart: a mirror-image registration is wrong).
+BRAIN_LABELS = (
+    2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
+    41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60,
+)  # fmt: skip
 
 
 def dice_per_structure(warped: torch.Tensor, fixed: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
@@ -26,20 +31,33 @@ def mean_dice(warped: torch.Tensor, fixed: torch.Tensor, label_values=BRAIN_LABE
     return torch.nanmean(dice, dim=1)
 
 
-def brain_voxel_error(predicted: torch.Tensor, truth: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Mean distance ``(B,)`` in mm between two fixed-to-moving world matrices ``(B, 4, 4)`` over the brain voxels
-    of each fixed image (``masks``: ``(1, D, H, W)`` MetaTensors with their affines): the target registration error
-    averaged over the brain."""
-    errors = []
-    for i, mask in enumerate(masks):
-        voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-        points = apply_affine(torch.as_tensor(mask.affine, dtype=torch.float64), voxels)
-        difference = apply_affine(predicted[i].cpu().double(), points) - apply_affine(truth[i].cpu().double(), points)
-        errors.append(difference.norm(dim=-1).mean())
+def brain_points(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """World coordinates ``(N, 3)`` float64 (mm) of the brain voxels (> 0.5) of a mask ``(1, D, H, W)`` (a
+    MetaTensor with its affine); with ``count``, an even subsample of about that many."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    if count is not None:
+        voxels = voxels[:: max(1, len(voxels) // count)]
+    return apply_affine(affine_of(mask), voxels)
+
+
+def target_registration_error(predicted: torch.Tensor, truth: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Mean distance in mm between the points ``(..., N, 3)`` mapped by two fixed-to-moving world matrices
+    ``(..., 4, 4)`` (the estimate and the truth): the target registration error averaged over the points, ``(...)``;
+    differentiable (the training's transform term)."""
+    return (apply_affine(predicted, points) - apply_affine(truth, points)).norm(dim=-1).mean(-1)
+
+
+def brain_tre(predicted: torch.Tensor, truth: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`target_registration_error` ``(B,)`` of fixed-to-moving world matrices ``(B, 4, 4)`` over every brain
+    voxel of each fixed image (``masks``: ``(1, D, H, W)`` MetaTensors with their affines), on the CPU."""
+    errors = [
+        target_registration_error(predicted[i].cpu().double(), truth[i].cpu().double(), brain_points(mask))
+        for i, mask in enumerate(masks)
+    ]
     return torch.stack(errors)
 
 
-#: Names of the network grid's axes (:func:`scripts.transforms.principal_axes`): a brain's own axes in any pose.
+#: Names of the network grid's axes (:func:`scripts.brain_frame.principal_axes`): a brain's own axes in any pose.
 GRID_AXES = ("front_back", "left_right", "bottom_top")
 
 
@@ -71,7 +89,7 @@ def grid_frame_points(points: torch.Tensor, grid_affine: torch.Tensor) -> torch.
     :data:`GRID_AXES`; origin at the grid's first voxel), for grids with voxel-to-world matrices ``(B, 4, 4)``."""
     affine = grid_affine.to(torch.float64)
     spacing = affine[:, :3, :3].norm(dim=1)  # (B, 3): column norms, the voxel size along each grid axis
-    return apply_affine(torch.linalg.inv(affine), points.to(torch.float64)) * spacing[:, None, :]
+    return world_to_voxel(affine, points.to(torch.float64)) * spacing[:, None, :]
 
 
 def spread_scalars(points: torch.Tensor, grid_affine: torch.Tensor, radius_mm: float = 5.0) -> dict[str, float]:

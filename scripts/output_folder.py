@@ -8,6 +8,9 @@
   raises :class:`scripts.errors.KeyMorphInputError` unless it lies strictly inside OUT_DIR.
 * :func:`staging_name` gives the hidden folder a case is written into before it replaces ``OUT_DIR/NAME``: short
   (a hash of the name), so a case name of 255 bytes still fits.
+* :func:`replace_folder` puts a complete staging folder in place of a case folder by renames;
+  :func:`remove_leftovers` removes what a killed run left; :func:`read_summary_rows` reads an earlier
+  ``summary.csv`` (also after a spreadsheet saved it).
 * :class:`RunLock`: ``OUT_DIR/.keymorph.lock`` held with ``fcntl.flock`` while a run writes; a second run into the
   same folder is refused with one line naming the folder and the PID holding it. The kernel releases the lock
   when its process ends, even by ``kill -9``, so a crashed run never leaves a stale lock behind.
@@ -15,12 +18,17 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
+import logging
 import os
+import shutil
 
-from scripts.errors import KeyMorphInputError
+from scripts.errors import KeyMorphInputError, printable  # noqa: F401 (printable: part of this interface)
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.csv"
 LOCK_FILE = ".keymorph.lock"
@@ -31,11 +39,6 @@ STAGING_PREFIX = ".keymorph-"
 RESERVED_NAMES = frozenset({SUMMARY_FILE, LOCK_FILE, INDEX_FILE})
 # The longest file name Linux, macOS and Windows file systems accept (bytes of UTF-8).
 MAX_NAME_BYTES = 255
-
-
-def printable(text: str) -> str:
-    """``text`` on one line: line breaks, tabs and NULs written as ``\\n``, ``\\r``, ``\\t``, ``\\x00``."""
-    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t").replace("\0", "\\x00")
 
 
 def case_name_problem(name) -> str | None:
@@ -146,3 +149,79 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def remove_leftovers(output_dir: str) -> None:
+    """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-HASH`` and
+    temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
+    kept)."""
+    for name in os.listdir(output_dir):
+        if name.startswith(STAGING_PREFIX):
+            field = 2
+        elif name.startswith(".tmp-"):
+            field = 1
+        else:
+            continue
+        try:
+            pid = int(name.split("-")[field])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def replace_folder(staging: str, final: str) -> None:
+    """Put the complete folder ``staging`` in place of ``final`` (absent or a complete earlier result) by renames.
+
+    ``final`` is never a mix of both: it is renamed away first, then ``staging`` renamed to it, then the old copy
+    removed. A kill between the two renames leaves ``final`` absent (the case is redone on the next run).
+    """
+    parent, name = os.path.split(final)
+    if os.path.lexists(final):
+        old = inside(parent, staging_name("old", name))
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+
+
+def read_summary_rows(path: str) -> dict[str, dict]:
+    """The rows of an earlier ``summary.csv`` by case name, also after a spreadsheet saved it: UTF-8 with or
+    without a byte-order mark, else Windows-1252 (with a warning; the file is rewritten as UTF-8), comma,
+    semicolon or tab separated. Raises :class:`KeyMorphInputError` when it cannot be read at all (rather than
+    overwriting it)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise KeyMorphInputError(f"{path}: cannot read the earlier summary ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+        logger.warning(f"{path}: not UTF-8 (saved by a spreadsheet?); read as Windows-1252, rewritten as UTF-8")
+    try:
+        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(text.splitlines(), delimiter=dialect.delimiter))
+    if rows and "name" not in rows[0]:
+        logger.warning(f"{path}: no 'name' column; its rows are not kept")
+    return {row["name"]: row for row in rows if row.get("name")}

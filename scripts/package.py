@@ -20,7 +20,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from scripts.cli import fail
+from scripts.errors import fail
 from scripts.hashes import BUNDLE_ROOT, LARGE_FILES, WEIGHTS, HashMismatch, check_file, entry_for, file_hash
 
 # folders copied whole (minus EXCLUDED), and single files, relative to the bundle root

@@ -37,23 +37,16 @@ class RunProvenance:
 
     def __init__(self, ckpt_path: str, settings: dict):
         self.settings = json.loads(json.dumps(dict(settings), default=str))
-        self._hashes: dict[tuple, str | None] = {}
         self.weights_sha256 = self.file_sha256(ckpt_path)
 
-    def file_sha256(self, path: str) -> str | None:
-        """sha256 of a file, once per run and file version; None when it cannot be read (the case fails later,
-        naming the file)."""
+    @staticmethod
+    def file_sha256(path: str) -> str | None:
+        """sha256 of a file (:func:`scripts.hashes.file_hash`: once per file version); None when it cannot be read
+        (the case fails later, naming the file)."""
         try:
-            stat = os.stat(path)
+            return file_hash(path)
         except OSError:
             return None
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            try:
-                self._hashes[key] = file_hash(path)
-            except OSError:
-                self._hashes[key] = None
-        return self._hashes[key]
 
     def for_case(self, item: dict) -> dict:
         """The record of a dataset item (``image``, ``fixed``, optional ``mask_path`` and ``extra``)."""

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
 
-from scripts.coordinates import apply_affine  # noqa: E402
+from scripts.coordinates import affine_of, world_to_voxel  # noqa: E402
 from scripts.registration import Registration, warp_moving  # noqa: E402
 
 #: Default thresholds, the same as ``configs/inference.yaml``.
@@ -112,7 +112,7 @@ class MovingImageStatsd(MapTransform):
 def _grid(item: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1, 1, D, H, W)`` network-grid image of a preprocessed item and its ``(1, 4, 4)`` float64 affine."""
     image = item["image"]
-    return image.as_tensor()[None].float(), torch.as_tensor(image.affine, dtype=torch.float64)[None]
+    return image.as_tensor()[None].float(), affine_of(image)[None]
 
 
 def aligned_moving(registration: Registration, fixed: dict, moving: dict) -> torch.Tensor:
@@ -187,7 +187,7 @@ def qc_figure(path: str, registration: Registration, fixed: dict, moving: dict) 
     before = warp_moving(identity, moving_image, fixed_affine, moving_affine, shape)[0, 0].numpy()
     after = aligned_moving(registration, fixed, moving).numpy()
     volumes = {"fixed": fixed_image[0, 0].numpy(), "moving (before)": before, "moving (after)": after}
-    points = apply_affine(torch.linalg.inv(fixed_affine[0]), registration.fixed_points[0]).numpy()
+    points = world_to_voxel(fixed_affine[0], registration.fixed_points[0]).numpy()
     center = [s // 2 for s in shape]
     figure, axes = plt.subplots(3, 3, figsize=(9, 9))
     for row, axis in enumerate(range(3)):

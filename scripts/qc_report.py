@@ -33,8 +33,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.cli import fail  # noqa: E402
 from scripts.errors import KeyMorphInputError  # noqa: E402
+from scripts.errors import fail  # noqa: E402
 
 #: Order of the statuses in ``index.html``: what needs a look comes first.
 STATUS_ORDER = ("error", "suspect", "ok", "skipped")

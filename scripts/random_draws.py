@@ -1,9 +1,16 @@
-"""The base of the training datasets whose items are random draws rather than indexed records."""
+"""Random draws of the training data: the base of the datasets whose items are random draws rather than indexed
+records, and random points in a mask."""
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset
+
+from scripts.coordinates import affine_of, apply_affine
+from scripts.errors import KeyMorphInputError
+from scripts.image_io import source_name
 
 
 class RandomDrawDataset(Randomizable, Dataset):
@@ -23,3 +30,14 @@ class RandomDrawDataset(Randomizable, Dataset):
         for transform in self.random_parts():
             transform.set_random_state(seed=None if seed is None else seed + 1, state=None)
         return self
+
+
+def random_points_in_mask(mask: torch.Tensor, count: int, rng: np.random.RandomState) -> torch.Tensor:
+    """``count`` world points ``(count, 3)`` (float64, mm) drawn uniformly among a mask's voxels, jittered
+    within their voxel so they are not on the lattice."""
+    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
+    if len(voxels) == 0:
+        raise KeyMorphInputError(f"{source_name(mask)}: the brain mask is empty; cannot place keypoints")
+    chosen = voxels[torch.from_numpy(rng.choice(len(voxels), size=count, replace=len(voxels) < count))]
+    chosen = chosen + torch.from_numpy(rng.uniform(-0.5, 0.5, chosen.shape))
+    return apply_affine(affine_of(mask), chosen)

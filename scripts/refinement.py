@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from monai.losses import GlobalMutualInformationLoss
 
-from scripts.coordinates import apply_affine, world_points_to_grid
+from scripts.coordinates import apply_affine, warp, world_points_to_grid
 
 
 def refine_affine(
@@ -80,9 +80,7 @@ def refine_affine(
         for _ in range(iterations):
             optimizer.zero_grad()
             grid = world_points_to_grid(transformed()[None], moving_affine[None].to(torch.float64), moving_shape)
-            sampled = torch.nn.functional.grid_sample(
-                moving_image, grid.view(1, -1, 1, 1, 3).to(torch.float32), align_corners=True
-            )
+            sampled = warp(moving_image, grid.view(1, -1, 1, 1, 3).to(torch.float32))
             loss_fn(sampled, fixed_values).backward()
             optimizer.step()
             schedule.step()

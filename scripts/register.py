@@ -27,10 +27,9 @@ import torch
 import yaml
 
 from scripts.api import INFERENCE_CONFIG, inference_workflow, run_workflow
-from scripts.cli import INFERENCE_ALIGNERS, fail
-from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError
-from scripts.image_io import default_atlas_path, is_nifti
-from scripts.inference import case_name
+from scripts.errors import KeyMorphInputError, KeyMorphWorkflowError, fail
+from scripts.image_io import default_atlas_path, is_nifti, nifti_stem
+from scripts.settings_checks import INFERENCE_ALIGNERS
 from scripts.skull_strip import BACKENDS
 
 #: The settings of configs/inference.yaml that this command sets from its own arguments, not from an option.
@@ -159,7 +158,7 @@ def find_moving_images(moving: str, recursive: bool = False, bids: str | None = 
 def case_names(paths: Sequence[str], root: str | None = None) -> list[str]:
     """Output folder names: each file's name without ``.nii[.gz]``; files whose names collide (``a/x.nii.gz``,
     ``b/x.nii.gz``) get their path relative to ``root`` (or their parent folders) joined by ``_`` instead."""
-    stems = [case_name(p) for p in paths]
+    stems = [nifti_stem(p) for p in paths]
     counts = Counter(stems)
     names = []
     for path, stem in zip(paths, stems):
@@ -176,7 +175,7 @@ def extra_images(moving: str, apply_to: str | None) -> list[str]:
     """The accompanying images of a moving image: ``apply_to`` relative to its folder, ``{name}`` its case name."""
     if not apply_to:
         return []
-    return sorted(glob.glob(os.path.join(os.path.dirname(moving), apply_to.replace("{name}", case_name(moving)))))
+    return sorted(glob.glob(os.path.join(os.path.dirname(moving), apply_to.replace("{name}", nifti_stem(moving)))))
 
 
 def is_extra_image(path: str, apply_to: str | None) -> bool:
@@ -198,7 +197,7 @@ def write_inputs_csv(path: str, movings: Sequence[str], fixed: str, apply_to: st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns 0, or exits through :func:`scripts.cli.fail` (one line; 1: inputs failed, 2: a
+    """Run the command; returns 0, or exits through :func:`scripts.errors.fail` (one line; 1: inputs failed, 2: a
     wrong setting or input)."""
     args = build_parser().parse_args(argv)
     settings = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}

@@ -14,8 +14,17 @@ import torch
 import torch.nn as nn
 from monai.inferers import Inferer
 
-from scripts.aligners import ALIGNERS, ThinPlateSpline, fit_residual
-from scripts.coordinates import apply_affine, sampling_grid, voxel_grid_world, warp, world_points_to_grid
+from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, ThinPlateSpline, fit_residual
+from scripts.cli import as_bool
+from scripts.coordinates import (
+    apply_affine,
+    batched_affine,
+    sampling_grid,
+    turned,
+    voxel_grid_world,
+    warp,
+    world_points_to_grid,
+)
 from scripts.refinement import refine_affine
 
 
@@ -101,16 +110,11 @@ def fit(
 ) -> Registration:
     """Fit the fixed-to-moving transform of world keypoints with ``aligner`` (affine, rigid, similarity or tps),
     with keypoint ``weights`` ``(B, K)`` (None: uniform; the spline itself is unweighted)."""
-    if aligner == "tps":
-        spline = ThinPlateSpline(fixed_points, moving_points, lam=tps_lambda)
-        matrix = ALIGNERS["affine"](fixed_points, moving_points, weights)
-        residual = fit_residual(matrix, fixed_points, moving_points)
-        return Registration(matrix, fixed_points, moving_points, residual, spline, weights)
     if aligner not in ALIGNERS:
-        raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
-    matrix = ALIGNERS[aligner](fixed_points, moving_points, weights)
-    residual = fit_residual(matrix, fixed_points, moving_points)
-    return Registration(matrix, fixed_points, moving_points, residual, weights=weights)
+        raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
+    transform = ALIGNERS[aligner](fixed_points, moving_points, weights, tps_lambda)
+    residual = fit_residual(transform.matrix, fixed_points, moving_points)
+    return Registration(transform.matrix, fixed_points, moving_points, residual, transform.spline, weights)
 
 
 def fit_detected(fixed, moving, aligner: str = "affine", tps_lambda: float = 0.0) -> Registration:
@@ -139,20 +143,8 @@ def register(
 
 
 #: The four proper 180-degree turns of a network grid about its centre, as pairs of flipped array axes: the sign
-#: choices of the principal axes that are not mirror images (:func:`scripts.transforms.principal_axes`).
+#: choices of the principal axes that are not mirror images (:func:`scripts.brain_frame.principal_axes`).
 GRID_TURNS = ((), (0, 1), (0, 2), (1, 2))
-
-
-def turned(image: torch.Tensor, affine: torch.Tensor, axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same image ``(B, C, D, H, W)`` on its grid turned by 180 degrees (``axes`` flipped), and that grid's
-    ``(B, 4, 4)`` affine: exact (voxel ``i`` becomes ``S - 1 - i``), so the world content is unchanged."""
-    if not axes:
-        return image, affine
-    flip = torch.eye(4, dtype=affine.dtype, device=affine.device)
-    for axis in axes:
-        flip[axis, axis] = -1.0
-        flip[axis, 3] = image.shape[2 + axis] - 1
-    return image.flip([2 + axis for axis in axes]), affine @ flip
 
 
 def register_best_turn(
@@ -239,15 +231,16 @@ class KeyMorphInferer(Inferer):
         keypoint_weighting: str = "uniform",
     ):
         super().__init__()
-        if aligner not in [*ALIGNERS, "tps"]:
-            raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS) + ['tps']}")
+        if aligner not in ALIGNERS:
+            raise ValueError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
         if keypoint_weighting not in KEYPOINT_WEIGHTINGS:
             raise ValueError(f"unknown keypoint weighting {keypoint_weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
         self.keypoint_weighting = keypoint_weighting
         self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
-        if search_turns and aligner == "tps":
-            raise ValueError("search_turns works with the affine, rigid and similarity aligners, not tps")
-        self.search_turns, self.turn_search_above_mm = search_turns, float(turn_search_above_mm)
+        self.search_turns = as_bool(search_turns, "search_turns")
+        if self.search_turns and aligner not in MATRIX_ALIGNERS:
+            raise ValueError(f"search_turns works with the aligners {', '.join(MATRIX_ALIGNERS)}, not {aligner}")
+        self.turn_search_above_mm = float(turn_search_above_mm)
 
     def __call__(
         self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, fixed_mask: torch.Tensor | None = None
@@ -256,7 +249,7 @@ class KeyMorphInferer(Inferer):
         the refinement measures similarity."""
         fixed_data = fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed
         moving_data = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
-        fixed_affine, moving_affine = _batched_affine(fixed), _batched_affine(moving)
+        fixed_affine, moving_affine = batched_affine(fixed), batched_affine(moving)
         if self.search_turns:
             registration = register_best_turn(
                 network,
@@ -303,9 +296,3 @@ class KeyMorphInferer(Inferer):
                 weights=registration.weights,
             )
         return registration
-
-
-def _batched_affine(image: torch.Tensor) -> torch.Tensor:
-    """``(B, 4, 4)`` float64 affine of a batched MetaTensor (MONAI keeps ``(4, 4)`` or ``(B, 4, 4)``)."""
-    affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    return affine.expand(image.shape[0], 4, 4) if affine.ndim == 2 else affine

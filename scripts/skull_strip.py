@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import warnings
-import zlib
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
@@ -23,9 +22,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
-from scripts.coordinates import apply_affine, covering_grid_along, resample_onto, rotation_angle_deg
-from scripts.errors import KeyMorphInputError
+from scripts.cli import as_bool
+from scripts.coordinates import apply_affine, grid_around, resample_onto, rotation_angle_deg
+from scripts.errors import KeyMorphInputError, first_line
 from scripts.head_pose import HeadPoseSearch, foreground
+from scripts.image_io import load_onto_grid, source_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,6 @@ BACKENDS = ("deepbet", "mask", "none")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 # Room around the head in the upright view deepbet sees again (mm).
 UPRIGHT_VIEW_MARGIN_MM = 10.0
-# Affines that differ by less than this (mm) describe the same grid.
-_GRID_ATOL_MM = 1e-4
-
-
-def _source_name(image: torch.Tensor) -> str:
-    return str(image.meta.get("filename_or_obj", "<image>")) if isinstance(image, MetaTensor) else "<image>"
 
 
 def _outer_faces(array: np.ndarray) -> list[np.ndarray]:
@@ -50,11 +45,6 @@ def _face_indices(axis: int, ndim: int) -> tuple:
     first, last = [slice(None)] * ndim, [slice(None)] * ndim
     first[axis], last[axis] = 0, -1
     return tuple(first), tuple(last)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class SkullStripd(MapTransform):
@@ -114,7 +104,7 @@ class SkullStripd(MapTransform):
         self.threshold = float(threshold)
         self.device = torch.device("cpu" if device is None else device)
         self._extractor = None  # deepbet.bet.BrainExtraction, loaded on first use
-        self.head_pose, self.upright_tolerance = bool(head_pose), float(upright_tolerance)
+        self.head_pose, self.upright_tolerance = as_bool(head_pose, "head_pose"), float(upright_tolerance)
         self._pose_search = None  # scripts.head_pose.HeadPoseSearch, built on first use
         self._lock = threading.Lock()  # deepbet keeps per-call state (the bounding box) on the extractor
 
@@ -134,7 +124,7 @@ class SkullStripd(MapTransform):
             image = d[key]
             if not isinstance(image, MetaTensor):
                 raise TypeError(f"SkullStripd needs a MetaTensor (with its affine) in data[{key!r}], got {type(image)}")
-            name = _source_name(image)
+            name = source_name(image)
             if image.ndim != 4 or image.shape[0] != 1:
                 raise KeyMorphInputError(
                     f"{name}: expected one 3-D volume (1, D, H, W) but got shape {tuple(image.shape)}"
@@ -192,7 +182,7 @@ class SkullStripd(MapTransform):
                     return extractor.postprocess(probability > self.threshold)
             except (AssertionError, ValueError) as error:
                 # get_bbox asserts on too little foreground; the largest-component step fails on an empty mask.
-                raise KeyMorphInputError(f"{name}: deepbet found no brain ({_one_line(error)})") from error
+                raise KeyMorphInputError(f"{name}: deepbet found no brain ({first_line(error)})") from error
 
     def _deepbet_mask(self, image: MetaTensor, name: str) -> torch.Tensor:
         """Boolean brain mask ``(D, H, W)`` from deepbet, again on an upright view when the brain is turned."""
@@ -222,15 +212,9 @@ class SkullStripd(MapTransform):
         outer voxel layer): a dark field-of-view edge across the view would look like a head outline to deepbet.
         """
         affine = torch.from_numpy(affine)
-        voxel_sizes = affine[:3, :3].norm(dim=0)
-        spacing = max(1.0, float(voxel_sizes.min()))  # deepbet rescales to 256^3 voxels anyway
-        margin = np.ceil(UPRIGHT_VIEW_MARGIN_MM / voxel_sizes.numpy()).astype(int)
-        head = np.argwhere(foreground(torch.from_numpy(array)).numpy())
-        low = np.maximum(head.min(0) - margin, 0)
-        high = np.minimum(head.max(0) + margin + 1, array.shape)
-        box = affine.clone()
-        box[:3, 3] = apply_affine(affine, torch.from_numpy(low).to(torch.float64)[None])[0]
-        grid, shape = covering_grid_along(frame, box, tuple(high - low), spacing)
+        spacing = max(1.0, float(affine[:3, :3].norm(dim=0).min()))  # deepbet rescales to 256^3 voxels anyway
+        head = torch.nonzero(foreground(torch.from_numpy(array[::2, ::2, ::2]))).to(torch.float64) * 2
+        grid, shape = grid_around(apply_affine(affine, head), spacing, frame, margin_mm=UPRIGHT_VIEW_MARGIN_MM)
         background = float(np.median(np.concatenate([np.ravel(face) for face in _outer_faces(array)])))
         identity = torch.eye(4, dtype=torch.float64)
         upright = resample_onto(torch.from_numpy(array - background)[None], affine, grid, shape, identity)[0]
@@ -239,27 +223,8 @@ class SkullStripd(MapTransform):
         return back[0] > 0.5
 
     def _file_mask(self, image: MetaTensor, path, name: str) -> torch.Tensor:
-        """Boolean brain mask ``(D, H, W)`` from a mask file, on the image grid."""
+        """Boolean brain mask ``(D, H, W)`` from a mask file (through :func:`scripts.image_io.load_onto_grid`'s
+        checks), on the image grid."""
         if path is None:
             raise KeyMorphInputError(f"{name}: skull-stripping backend 'mask' needs a mask file but none was given")
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise KeyMorphInputError(f"{path}: mask file not found")
-        try:
-            mask_image = nib.as_closest_canonical(nib.load(path))
-            values = np.asarray(mask_image.dataobj, dtype=np.float32)
-        except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
-            raise KeyMorphInputError(f"{path}: cannot read the mask file ({_one_line(error)})") from error
-        if values.ndim == 4 and values.shape[3] == 1:
-            values = values[..., 0]
-        if values.ndim != 3:
-            raise KeyMorphInputError(f"{path}: the mask must be one 3-D volume but has shape {values.shape}")
-        values = torch.from_numpy(np.nan_to_num(values))
-        mask_affine = torch.as_tensor(mask_image.affine, dtype=torch.float64)
-        image_affine = torch.as_tensor(image.affine, dtype=torch.float64).cpu()
-        shape = tuple(image.shape[1:])
-        same_grid = tuple(values.shape) == shape and torch.allclose(mask_affine, image_affine, atol=_GRID_ATOL_MM)
-        if not same_grid:
-            identity = torch.eye(4, dtype=torch.float64)
-            values = resample_onto(values[None], mask_affine, image_affine, shape, identity, mode="nearest")[0]
-        return values > self.threshold
+        return load_onto_grid(os.fspath(path), image, require_contrast=False)[0] > self.threshold

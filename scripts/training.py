@@ -17,10 +17,19 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 
-from scripts.coordinates import apply_affine
-from scripts.metrics import brain_voxel_error, grid_frame_points, mean_dice, spread_scalars
+from scripts.coordinates import affine_of, apply_affine, coarser_grid
+from scripts.errors import fail
+from scripts.metrics import (
+    BRAIN_LABELS,
+    brain_points,
+    brain_tre,
+    grid_frame_points,
+    mean_dice,
+    spread_scalars,
+    target_registration_error,
+)
 from scripts.registration import keypoints_world, register, warp_moving
-from scripts.training_data import BRAIN_LABELS, true_fixed_to_moving
+from scripts.training_data import true_fixed_to_moving
 
 
 def _stack(items: list[dict], key: str) -> torch.Tensor:
@@ -30,7 +39,8 @@ def _stack(items: list[dict], key: str) -> torch.Tensor:
 
 
 def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
-    return torch.stack([torch.as_tensor(item[key].affine, dtype=torch.float64) for item in items])
+    """``(B, 4, 4)`` float64 voxel-to-world matrices of the ``key`` images of a list of items."""
+    return torch.stack([affine_of(item[key]) for item in items])
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
@@ -79,8 +89,6 @@ def exit_if_stopped(engine: Engine) -> None:
     :func:`_optimizer_step`): a stopped run must not look finished."""
     reason = getattr(engine.state, "stop_reason", None)
     if reason:
-        from scripts.cli import fail
-
         fail(f"training stopped at {reason}; the newest checkpoint holds the last good weights", code=1)
 
 
@@ -99,7 +107,7 @@ def brain_spread(mask) -> torch.Tensor:
     """``(3,)`` float64 standard deviation in mm of a network-grid brain mask ``(1, D, H, W)`` (a MetaTensor with
     the grid's affine) along the grid's axes: how far keypoints can spread along each of the brain's own axes."""
     voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-    spacing = torch.as_tensor(mask.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
+    spacing = affine_of(mask)[:3, :3].norm(dim=0)
     return voxels.std(dim=0) * spacing
 
 
@@ -122,13 +130,6 @@ def spread_shortfall(
     centre = (w * frame).sum(1, keepdim=True)
     sd = ((w * (frame - centre).pow(2)).sum(1) + 1e-6).sqrt()  # (B, 3); + 1e-6 mm^2: finite gradient when collapsed
     return F.relu(1 - sd / (fraction * brain_sd.to(sd))).pow(2).mean(-1)
-
-
-def _brain_points(mask: torch.Tensor, count: int = 2048) -> torch.Tensor:
-    """World coordinates ``(count, 3)`` float64 of brain voxels of a network-grid mask (an even subsample)."""
-    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-    voxels = voxels[:: max(1, len(voxels) // count)]
-    return apply_affine(torch.as_tensor(mask.affine, dtype=torch.float64), voxels)
 
 
 def one_hot_labels(labels: torch.Tensor, label_values=BRAIN_LABELS) -> torch.Tensor:
@@ -196,11 +197,7 @@ class RegistrationLoss:
         factor = self.dice_downsample
         if factor > 1:
             fixed_labels = F.avg_pool3d(fixed_labels, factor)
-            # a coarse cell's centre is the mean of its fine voxel centres: index j -> factor * j + (factor - 1) / 2
-            cells = torch.eye(4, dtype=fixed_affine.dtype, device=fixed_affine.device)
-            cells[:3, :3] *= factor
-            cells[:3, 3] = (factor - 1) / 2
-            fixed_affine = fixed_affine @ cells
+            fixed_affine = coarser_grid(fixed_affine, factor)
         warped = warp_moving(registration, moving_labels, fixed_affine, moving_affine, fixed_labels.shape[2:])
         return self.dice(warped, fixed_labels)
 
@@ -279,10 +276,10 @@ class KeyMorphTrainer(SupervisedTrainer):
             terms["keypoints"] = relative_keypoint_error(
                 registration.fixed_points[known], registration.moving_points[known], truth
             ).mean()
-            brain = [_brain_points(fixed[i]["mask"]).to(device) for i in known]
+            brain = [brain_points(fixed[i]["mask"], count=2048).to(device) for i in known]
             # the mean distance, not squared, so the large errors of early training do not swamp the other terms
             errors = [
-                (apply_affine(registration.fixed_to_moving[i], p) - apply_affine(truth[j], p)).norm(dim=-1).mean()
+                target_registration_error(registration.fixed_to_moving[i], truth[j], p)
                 for j, (i, p) in enumerate(zip(known, brain))
             ]
             terms["transform"] = torch.stack(errors).mean() / 10.0
@@ -362,14 +359,14 @@ class KeyMorphValidator(SupervisedEvaluator):
             known = [i for i, pair in enumerate(batchdata) if pair.get("same_subject")]
             if known:
                 truth = torch.stack([true_fixed_to_moving(batchdata[i]) for i in known]).to(device)
-                output["error_mm"] = brain_voxel_error(
+                output["error_mm"] = brain_tre(
                     registration.fixed_to_moving[known], truth, [fixed[i]["mask"] for i in known]
                 )
         return output
 
 
 class AugmentationRamp:
-    """Ignite handler: grow a :class:`scripts.transforms.RandWorldAffined`'s ranges linearly from 0 to their full
+    """Ignite handler: grow a :class:`scripts.random_motions.RandWorldAffined`'s ranges linearly from 0 to their full
     values over the first ``ramp_epochs`` epochs (KeyMorph's pretraining schedule: easy poses first)."""
 
     def __init__(self, transform, ramp_epochs: int):

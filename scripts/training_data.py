@@ -24,19 +24,10 @@ from scripts.coordinates import apply_affine
 from scripts.datalists import csv_datalist, detect_source, ixi_datalist, select_subjects
 from scripts.errors import KeyMorphInputError
 from scripts.image_pairs import ImagePairDataset, ImagePreparation, world_transforms
-from scripts.random_draws import RandomDrawDataset
+from scripts.random_draws import RandomDrawDataset, random_points_in_mask
 from scripts.synthesis import EXTRA_CEREBRAL_MIN, load_label_map
-from scripts.transforms import random_points_in_mask
-
-#: FreeSurfer brain structures scored by Dice (left and right kept apart: a mirror-image registration is wrong).
-BRAIN_LABELS = (
-    2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
-    41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60,
-)  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LABEL_MAPS_DIR = os.path.join("..", "shared", "data", "label_maps")
 
 
 def true_fixed_to_moving(pair: dict) -> torch.Tensor:
@@ -59,8 +50,8 @@ class SyntheticPairDataset(RandomDrawDataset):
 
     Each draw picks two label maps (different subjects), or with ``same_subject_probability`` one label map seen
     in two contrasts (deformed once, so the true transform between the two is exactly the augmentations' affine).
-    Each image then goes through ``augmentation`` (a :class:`scripts.transforms.RandWorldAffined`) and ``frame``
-    (a :class:`scripts.transforms.BrainFramed`). Label maps are read once, resampled to ``spacing`` mm, and kept.
+    Each image then goes through ``augmentation`` (a :class:`scripts.random_motions.RandWorldAffined`) and ``frame``
+    (a :class:`scripts.brain_frame.BrainFramed`). Label maps are read once, resampled to ``spacing`` mm, and kept.
 
     Args:
         label_maps: paths of label maps.

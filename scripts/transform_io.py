@@ -40,14 +40,21 @@ def itk_affine_from_ras(fixed_to_moving: np.ndarray | torch.Tensor) -> sitk.Affi
     return transform
 
 
-def ras_from_itk_affine(transform: sitk.Transform) -> np.ndarray:
-    """The 4x4 fixed-to-moving RAS matrix of an ITK affine-like transform (any centre)."""
-    matrix = np.array(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    center = np.array(transform.GetCenter(), dtype=np.float64)
+def ras_from_itk_parts(matrix, translation, center) -> np.ndarray:
+    """The 4x4 fixed-to-moving RAS matrix of an ITK-style affine in LPS that maps ``p`` to
+    ``A (p - c) + c + t`` (``matrix`` ``A`` (3, 3), ``translation`` ``t`` and ``center`` ``c`` (3,)): the centre
+    folded into the translation, then x and y flipped."""
+    matrix = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
+    center = np.asarray(center, dtype=np.float64)
     lps = np.eye(4)
     lps[:3, :3] = matrix
-    lps[:3, 3] = np.array(transform.GetTranslation()) + center - matrix @ center
+    lps[:3, 3] = np.asarray(translation, dtype=np.float64) + center - matrix @ center
     return ras_to_lps(torch.from_numpy(lps)).numpy()
+
+
+def ras_from_itk_affine(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 fixed-to-moving RAS matrix of an ITK affine-like transform (any centre)."""
+    return ras_from_itk_parts(transform.GetMatrix(), transform.GetTranslation(), transform.GetCenter())
 
 
 def write_itk_transform(path: str, fixed_to_moving: np.ndarray | torch.Tensor) -> None:

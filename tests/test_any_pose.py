@@ -22,8 +22,9 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from scripts.coordinates import resample_onto
-from scripts.evaluation import misalignment, resample_world_aligned
-from scripts.metrics import brain_voxel_error
+from scripts.image_io import resample_world_aligned
+from scripts.metrics import brain_tre
+from scripts.random_motions import misalignment
 from scripts.skull_strip import SkullStripd
 from scripts.transform_io import read_ras_matrix
 
@@ -96,5 +97,5 @@ def test_default_inference_registers_a_head_turned_150_degrees(head, tmp_path):
         brain.as_tensor(), head[2], torch.as_tensor(atlas.affine), atlas.shape, torch.eye(4, dtype=torch.float64)
     )
     atlas_mask = MetaTensor(atlas_brain, affine=torch.as_tensor(atlas.affine, dtype=torch.float64))
-    error = brain_voxel_error(torch.linalg.inv(moving_to_fixed)[None], move[None], [atlas_mask])[0]
+    error = brain_tre(torch.linalg.inv(moving_to_fixed)[None], move[None], [atlas_mask])[0]
     assert float(error) < 2.0, f"mean error {float(error):.2f} mm"

@@ -27,8 +27,8 @@ from test_inference import (
     write_nifti,
 )
 
+from scripts.case_outputs import extra_output_names
 from scripts.errors import KeyMorphInputError
-from scripts.inference import extra_output_names
 
 BIG_LABELS = (2**24 + 1, 2**24 + 3)  # float32 turns them into 2**24 and 2**24 + 4
 

@@ -26,17 +26,21 @@ import pytest
 import torch
 from synthetic_heads import write_head_label_map, write_label_maps_dir
 
-from scripts.evaluation import _moved, misalignment, resample_world_aligned
+from scripts.brain_frame import brain_moments
+from scripts.image_io import moved_by, resample_world_aligned
 from scripts.keypoint_net import KeypointDetector
-from scripts.metrics import brain_voxel_error
+from scripts.metrics import brain_tre
+from scripts.random_motions import misalignment
 from scripts.synthesis import load_label_map, synthesize
-from scripts.transforms import brain_moments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare_methods.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import compare_methods  # noqa: E402
+import method_runners  # noqa: E402
+from benchmark_report import OUTPUT_FILES  # noqa: E402
+from benchmark_summary import COLUMNS  # noqa: E402
 
 
 def installed(distribution: str, module: str) -> bool:
@@ -64,7 +68,7 @@ def moved_pair(tmp_path_factory) -> dict:
     synthetic = synthesize(labels, "T1", seed=3, skull=False, deform_std=0.0, resolution_probability=0.0)
     image, mask = synthetic["image"], synthetic["mask"]
     truth = misalignment(7.0, [0.3, -0.5, 0.8], [1.04, 0.97, 1.02], [4.0, -3.0, 2.5], brain_moments(mask)[0])
-    moving = resample_world_aligned(_moved(image, truth), [2.0, 2.0, 2.0])
+    moving = resample_world_aligned(moved_by(image, truth), [2.0, 2.0, 2.0])
     moving_path = str(folder / "moving.nii.gz")
     nib.save(nib.Nifti1Image(moving[0].numpy(), moving.affine.numpy()), moving_path)
     fixed = nib.Nifti1Image(image[0].numpy(), np.asarray(image.affine, dtype=np.float64))
@@ -82,7 +86,7 @@ def check_recovered(pair: dict, runner, name: str) -> None:
     matrix = torch.as_tensor(np.asarray(result["matrix"]), dtype=torch.float64)
 
     def error(candidate: torch.Tensor) -> float:
-        return float(brain_voxel_error(candidate[None], pair["truth"][None], [pair["mask"]])[0])
+        return float(brain_tre(candidate[None], pair["truth"][None], [pair["mask"]])[0])
 
     assert os.path.getsize(os.path.join(output, "registered.nii.gz")) > 0
     assert result["seconds_end_to_end"] >= result["seconds_compute"] > 0
@@ -94,13 +98,13 @@ def check_recovered(pair: dict, runner, name: str) -> None:
 
 @pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install -r requirements-bench.txt)")
 def test_ants_transform_is_read_as_fixed_to_moving_ras(moved_pair):
-    check_recovered(moved_pair, compare_methods.AntsRunner(), "ants")
+    check_recovered(moved_pair, method_runners.AntsRunner(), "ants")
 
 
 @pytest.mark.filterwarnings("ignore:builtin type")  # itk's SWIG wrappers
 @pytest.mark.skipif(not HAS_ELASTIX, reason="itk-elastix is not installed (pip install -r requirements-bench.txt)")
 def test_elastix_transform_is_read_as_fixed_to_moving_ras(moved_pair):
-    check_recovered(moved_pair, compare_methods.ElastixRunner(), "elastix")
+    check_recovered(moved_pair, method_runners.ElastixRunner(), "elastix")
 
 
 def test_elastix_parameters_fold_in_the_centre():
@@ -112,13 +116,13 @@ def test_elastix_parameters_fold_in_the_centre():
         "TransformParameters": tuple(str(v) for v in [*matrix.ravel(), *shift]),
         "CenterOfRotationPoint": tuple(str(v) for v in center),
     }
-    ras = compare_methods.ras_from_elastix(parameters)
+    ras = method_runners.ras_from_elastix(parameters)
     point_ras = np.array([5.0, 7.0, -9.0])
     point_lps = point_ras * [-1, -1, 1]
     expected_lps = matrix @ (point_lps - center) + center + shift
     assert np.allclose(ras[:3, :3] @ point_ras + ras[:3, 3], expected_lps * [-1, -1, 1])
     with pytest.raises(ValueError):
-        compare_methods.ras_from_elastix({**parameters, "Transform": ("BSplineTransform",)})
+        method_runners.ras_from_elastix({**parameters, "Transform": ("BSplineTransform",)})
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +171,13 @@ def read_cases(output_dir: str) -> tuple[list[str], list[dict]]:
 
 def test_quick_run_writes_tables_and_plots(quick_run):
     output_dir = quick_run["output_dir"]
-    for name in compare_methods.OUTPUT_FILES:
+    for name in OUTPUT_FILES:
         assert os.path.getsize(os.path.join(output_dir, name)) > 0, name
     for name in ("dice_vs_rotation.png", "tre_vs_rotation.png", "seconds_per_pair.png"):
         with open(os.path.join(output_dir, name), "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     columns, rows = read_cases(output_dir)
-    assert columns == compare_methods.COLUMNS
+    assert columns == COLUMNS
     assert [(r["method"], r["modality_pair"], float(r["rotation_deg"])) for r in rows] == [
         ("keymorph", "T1-T2", 0.0),
         ("keymorph", "T1-T2", 90.0),

@@ -19,16 +19,12 @@ import pytest
 import torch
 from synthetic_heads import write_label_maps_dir
 
-from scripts.evaluation import (
-    CASE_COLUMNS,
-    OUTPUT_FILES,
-    SyntheticRobustnessDataset,
-    misalignment,
-    random_axis,
-    rotation_angle_deg,
-)
+from scripts.brain_frame import BrainFramed
+from scripts.coordinates import rotation_angle_deg
 from scripts.keypoint_net import KeypointDetector
-from scripts.transforms import BrainFramed
+from scripts.random_motions import misalignment, random_axis
+from scripts.reports import CASE_COLUMNS, OUTPUT_FILES
+from scripts.robustness_cases import SyntheticRobustnessDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBJECTS = ["training_seg_13", "training_seg_14"]
@@ -219,8 +215,9 @@ def test_cases_follow_the_convention(data):
 def test_real_image_layout_keeps_the_convention(data):
     """An IXI-layout folder whose images each have their own pose (transforms.csv): same-subject cases are first put
     into the fixed pose, so the truth still has the stated angle and aligns the labels; scored in-process."""
-    from scripts.evaluation import IdentityTransform, TrueTransform, make_robustness_dataset, score_case
+    from scripts.evaluation import IdentityTransform, TrueTransform, score_case
     from scripts.make_test_set import make_test_set
+    from scripts.robustness_cases import make_robustness_dataset
 
     ixi = str(data["folder"] / "ixi")
     make_test_set(data["label_maps"], ixi, subjects=SUBJECTS, spacing=2.0, rotation_range=40.0)

@@ -9,7 +9,8 @@ import torch
 from monai.data import MetaTensor
 
 from scripts.coordinates import rotation_angle_deg
-from scripts.evaluation import axis_angle_rotation, misalignment, resample_world_aligned
+from scripts.image_io import resample_world_aligned
+from scripts.random_motions import axis_angle_rotation, misalignment
 from scripts.head_pose import HeadPoseSearch, box_average
 
 

@@ -15,13 +15,13 @@ from monai.data import MetaTensor
 from synthetic_heads import label_agreement, make_ixi_test_set
 
 import scripts.image_io
-import scripts.image_pairs
+from scripts.brain_frame import BrainFramed
 from scripts.datalists import ixi_datalist
 from scripts.errors import KeyMorphInputError
 from scripts.image_pairs import CROP_MARGIN, ImagePairDataset, load_label_on_grid
+from scripts.random_motions import RandWorldAffined
 from scripts.synthesis import SynthesizeImaged
 from scripts.training_data import SyntheticPairDataset, make_pair_dataset, true_fixed_to_moving
-from scripts.transforms import BrainFramed, RandWorldAffined
 
 SIZE = 48  # network grid of the tests: 48^3 voxels of 2 mm, room for the 2 mm phantom brains turned any way
 
@@ -121,12 +121,11 @@ def test_drawing_subjects_and_modalities(dataset):
 def test_cache_reads_each_file_once_and_keeps_a_small_brain_grid(ixi_set, monkeypatch):
     reads, load_volume = [], scripts.image_io.load_volume
 
-    def counting(path):
+    def counting(path, *args, **kwargs):
         reads.append(os.path.basename(os.path.dirname(path)))
-        return load_volume(path)
+        return load_volume(path, *args, **kwargs)
 
-    monkeypatch.setattr(scripts.image_io, "load_volume", counting)
-    monkeypatch.setattr(scripts.image_pairs, "load_volume", counting)
+    monkeypatch.setattr(scripts.image_io, "load_volume", counting)  # images and label maps both read through it
     datalist = [item for item in ixi_datalist(ixi_set) if item["subject"] == "IXI002"]
     dataset = ImagePairDataset(datalist, 3, augmentation(), frame(), spacing=3.0)
     assert sorted(reads) == sorted(f"IXI-{m}{part}" for m in ("T1", "T2", "PD") for part in ("", "-labels"))

@@ -55,7 +55,7 @@ def phantom_at(points: np.ndarray) -> np.ndarray:
 
     An egg-shaped "brain" (semi-axes 15 mm left-right, 23/31 mm back/front, 16/23 mm down/up, so its principal axes
     and their directions are well defined) whose front and back ends droop below its centre as a brain's do (the
-    cue :func:`scripts.transforms.principal_axes` reads "up" from), with a brighter rim, smooth texture and two dark
+    cue :func:`scripts.brain_frame.principal_axes` reads "up" from), with a brighter rim, smooth texture and two dark
     "ventricles"; 0 outside.
     """
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
@@ -306,7 +306,7 @@ def test_keypoints_are_ras_mm_and_consistent_with_the_transform(folder_run, name
 
 
 def test_summary_rows_and_columns(folder_run):
-    from scripts.inference import SUMMARY_COLUMNS
+    from scripts.case_outputs import SUMMARY_COLUMNS
 
     with open(folder_run["output"] / "summary.csv", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -417,7 +417,7 @@ def runner_argv(*arguments: str) -> list[str]:
 
 @pytest.fixture
 def settings(tmp_path):
-    """Valid arguments of :func:`scripts.cli.check_inference_settings` on small files."""
+    """Valid arguments of :func:`scripts.settings_checks.check_inference_settings` on small files."""
     (tmp_path / "in").mkdir()
     write_moving(tmp_path / "in" / "a.nii.gz", TRUTH["moving_a"])
     return {
@@ -439,7 +439,7 @@ def check_fails(capsys, **kwargs) -> str:
     KeyMorphWorkflowError with exit code 2 and a one-line message, nothing printed; returns the line the command
     line prints (``keymorph: error: ...``; ``test_a_config_error_through_the_runner_is_one_line_without_traceback``
     runs the runner itself)."""
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     with pytest.raises(KeyMorphWorkflowError) as error:
         check_inference_settings(**kwargs)
@@ -449,7 +449,7 @@ def check_fails(capsys, **kwargs) -> str:
 
 
 def test_valid_settings_pass_and_create_the_output_folder(settings):
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     check_inference_settings(**settings)
     assert os.path.isdir(settings["output_dir"])
@@ -507,7 +507,7 @@ def test_output_folder_that_is_not_writable(settings, capsys, tmp_path, monkeypa
 
 
 def test_weights_that_do_not_fit_the_network(settings, capsys):
-    from scripts.cli import check_network_weights
+    from scripts.settings_checks import check_network_weights
 
     line = check_fails(capsys, **{**settings, "network": KeypointDetector(1, 8, (8, 8, 16, 16))})
     assert settings["ckpt_path"] in line and "do not fit" in line and "size mismatch" in line
@@ -524,8 +524,8 @@ def test_weights_that_are_not_a_checkpoint(settings, capsys, tmp_path):
 
 @pytest.mark.parametrize("recorded", ["matching", "other", "unset"])
 def test_weights_hash_from_large_files_yml(settings, capsys, tmp_path, recorded):
-    from scripts.cli import check_inference_settings
     from scripts.hashes import file_hash
+    from scripts.settings_checks import check_inference_settings
 
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
@@ -562,7 +562,7 @@ def test_unknown_command_line_key_is_one_line(settings, capsys, arguments, words
 
 
 def test_known_command_line_keys_pass(settings):
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     argv = runner_argv("--skull_strip", "none", "--network_def#channels", "[8,8,16,16]", "--meta_file", "x.json")
     check_inference_settings(**{**settings, "argv": argv})
@@ -646,10 +646,10 @@ def writer_output(tmp_path):
 
 
 def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monkeypatch):
-    import scripts.inference as inference
+    import scripts.case_outputs as case_outputs
 
     output = tmp_path / "out"
-    writer = inference.RegistrationWriter(str(output))
+    writer = case_outputs.RegistrationWriter(str(output))
     output.mkdir()
     row = writer._write_case(writer_output)
     assert row["status"] == "ok" and sorted(os.listdir(output / "case")) == sorted(OUTPUT_FILES)
@@ -662,7 +662,7 @@ def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monke
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(inference, "qc_figure", crash)  # fails after registered.nii.gz etc. were written
+    monkeypatch.setattr(case_outputs, "qc_figure", crash)  # fails after registered.nii.gz etc. were written
     with pytest.raises(OSError):
         writer._write_case(writer_output)
     assert _snapshot(output / "case") == before  # the complete earlier result, untouched
@@ -676,7 +676,7 @@ def test_writer_replaces_a_case_folder_as_a_whole(writer_output, tmp_path, monke
 
 
 def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_output, tmp_path, monkeypatch):
-    from scripts.inference import RegistrationWriter, case_done
+    from scripts.case_outputs import RegistrationWriter, case_done
 
     output = tmp_path / "out"
     output.mkdir()
@@ -703,7 +703,7 @@ def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_
 
 
 def test_writer_removes_the_staging_folders_of_a_killed_run(tmp_path):
-    from scripts.inference import RegistrationWriter
+    from scripts.case_outputs import RegistrationWriter
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".keymorph-tmp-{int(dead.stdout)}-case"
@@ -750,7 +750,7 @@ def test_dataset_refuses_two_inputs_with_one_case_name(tmp_path):
     "counts, code", [({"ok": 3}, None), ({"ok": 2, "suspect": 1, "skipped": 4}, None), ({"ok": 3, "error": 2}, 1)]
 )
 def test_exit_code_counts_failed_inputs(capsys, monkeypatch, counts, code):
-    from scripts.cli import run_registration
+    from scripts.inference import run_registration
 
     monkeypatch.setattr(sys, "argv", runner_argv())  # as under `python -m monai.bundle run`
 

@@ -24,12 +24,13 @@ import pytest
 import torch
 from synthetic_heads import make_ixi_test_set
 
-from scripts.cli import check_training_settings
+from scripts.brain_frame import BrainFramed
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphWorkflowError
+from scripts.random_motions import RandWorldAffined
+from scripts.settings_checks import check_training_settings
 from scripts.synthesis import SynthesizeImaged
 from scripts.training_data import ImagePretrainingDataset, PretrainingDataset, make_pretraining_dataset
-from scripts.transforms import BrainFramed, RandWorldAffined
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.yaml")

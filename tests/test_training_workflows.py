@@ -410,7 +410,7 @@ def enabled_handlers(parser, list_id: str) -> list[str]:
 
 
 def test_multi_process_config_disables_writers_on_other_ranks(heads, tmp_path, monkeypatch):
-    """The layered config's indices still point at train.yaml's handlers: rank 0 keeps every handler, the others
+    """The layered config's rank-0 switch (is_main_process) in train.yaml's handlers: rank 0 keeps every handler, the others
     only the LR schedule and validation (no logs, TensorBoard, progress bar or checkpoints)."""
     overrides = {**TINY_TRAIN, "dataset_dir": str(heads), "output_dir": str(tmp_path)}
     enabled = {}

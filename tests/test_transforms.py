@@ -1,4 +1,4 @@
-"""Behaviour of :mod:`scripts.transforms`: the brain frame, the principal axes and the random world affine.
+"""Behaviour of :mod:`scripts.brain_frame` and :mod:`scripts.random_motions`: the brain frame, the principal axes and the random world affine.
 
 The central property is equivariance: moving an image and its brain mask by a rigid transform ``T`` of the world
 moves the network grid (the frame) by exactly ``T``, so the network sees the same image whatever the pose.
@@ -16,16 +16,11 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from test_inference import grid_affine, phantom_at, phantom_volume, rigid, rotation
 
+from scripts.brain_frame import BrainFramed, brain_moments, principal_axes
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphInputError
-from scripts.transforms import (
-    BrainFramed,
-    RandWorldAffined,
-    brain_moments,
-    principal_axes,
-    random_affine_matrix,
-    random_points_in_mask,
-)
+from scripts.random_draws import random_points_in_mask
+from scripts.random_motions import RandWorldAffined, random_affine_matrix
 
 SHAPE = (40, 40, 40)
 AFFINE = grid_affine((2.0, 2.0, 2.0), SHAPE, rotation([1.0, -1.0, 0.5], 20.0), (3.0, -2.0, 1.0))

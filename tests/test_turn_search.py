@@ -3,8 +3,8 @@
 import torch
 from test_registration import CentroidNetwork
 
-from scripts.coordinates import apply_affine
-from scripts.registration import GRID_TURNS, KeyMorphInferer, register, register_best_turn, turned
+from scripts.coordinates import apply_affine, turned
+from scripts.registration import GRID_TURNS, KeyMorphInferer, register, register_best_turn
 
 
 def blob_image(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,7 +110,7 @@ def test_a_workflow_created_from_python_raises_instead_of_exiting(settings, tmp_
 
 
 def test_failed_inputs_raise_from_python_with_exit_code_1(capsys):
-    from scripts.cli import run_registration
+    from scripts.inference import run_registration
 
     class Evaluator:
         output_dir = "OUT"
@@ -125,7 +125,7 @@ def test_failed_inputs_raise_from_python_with_exit_code_1(capsys):
 
 
 def test_the_runner_still_exits_with_one_line(settings, capsys, monkeypatch):  # noqa: F811
-    from scripts.cli import check_inference_settings
+    from scripts.settings_checks import check_inference_settings
 
     monkeypatch.setattr(sys, "argv", runner_argv())
     arguments = {**settings, "dataset_dir": "/no/such/folder", "argv": None}

@@ -1,18 +1,15 @@
-"""MONAI dictionary transforms of the registration pipeline that MONAI itself does not provide.
+"""The network grid on the brain: the MONAI dictionary transform :class:`BrainFramed` and the brain's moments.
 
-* :class:`BrainFramed` places the network grid on the brain: centred on the brain mask's centre of mass and, if
-  asked, turned along its principal axes, at the network spacing and size, in ONE resampling; the grid's
-  voxel-to-world matrix goes into the output ``affine`` so world coordinates stay exact.
-* :class:`RandWorldAffined` moves images, masks, labels and points by one random affine of the world, the
-  training augmentation, and records the applied matrix so evaluation knows the truth.
-
-All matrices follow :mod:`scripts.coordinates` (RAS mm, voxel centres on integers).
+:class:`BrainFramed` places the network grid on the brain: centred on the brain mask's centre of mass and, if
+asked, turned along its principal axes (:func:`principal_axes`), at the network spacing and size, in ONE
+resampling (after an anti-aliasing blur, :func:`anti_aliased`); the grid's voxel-to-world matrix goes into the output
+``affine`` so world coordinates stay exact. All matrices follow :mod:`scripts.coordinates` (RAS mm, voxel centres
+on integers).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -21,19 +18,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy.ndimage import gaussian_filter
 
-from scripts.coordinates import apply_affine, sampling_grid, warp
+from scripts.coordinates import affine_of, apply_affine, centred_grid, sampling_grid, warp
 from scripts.errors import KeyMorphInputError
-
-
-def _affine(image: torch.Tensor) -> torch.Tensor:
-    """The float64 voxel-to-world matrix of a MetaTensor (identity for a plain tensor)."""
-    affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
-    return torch.as_tensor(affine, dtype=torch.float64)
-
-
-def _source_name(image: torch.Tensor) -> str:
-    meta = image.meta if isinstance(image, MetaTensor) else {}
-    return str(meta.get("filename_or_obj", "<image>"))
+from scripts.image_io import source_name
+from scripts.random_motions import random_affine_matrix
 
 
 def brain_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,13 +35,13 @@ def brain_moments(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
         centre,
         ``(N, 3)`` float64, kept for the sign choice of the principal axes.
     """
-    affine = _affine(mask)
+    affine = affine_of(mask)
     # moments of a lattice of about 2 mm are as good for placing a grid and 8x cheaper on a 1 mm mask
     stride = [max(1, int(2.0 / float(s))) for s in affine[:3, :3].norm(dim=0)]
     sampled = torch.as_tensor(mask[0])[:: stride[0], :: stride[1], :: stride[2]]
     voxels = torch.nonzero(sampled > 0.5).to(torch.float64) * torch.tensor(stride, dtype=torch.float64)
     if len(voxels) < 8:
-        raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; no brain to register")
+        raise KeyMorphInputError(f"{source_name(mask)}: the brain mask is empty; no brain to register")
     points = apply_affine(affine, voxels)
     center = points.mean(0)
     points = points - center
@@ -135,10 +123,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
             principal_axes(covariance, points) if self.align_principal_axes else torch.eye(3, dtype=torch.float64)
         )
         rotation = rotation @ self._jitter()
-        affine = torch.eye(4, dtype=torch.float64)
-        affine[:3, :3] = rotation * self.spacing
-        affine[:3, 3] = center - affine[:3, :3] @ torch.full((3,), (self.spatial_size - 1) / 2, dtype=torch.float64)
-        return affine
+        return centred_grid(rotation, self.spacing, self.spatial_size, center)
 
     def _jitter(self) -> torch.Tensor:
         """The random turn ``(3, 3)`` of the grid in its own axes (identity without jitter or flips)."""
@@ -154,7 +139,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
         """The sampling grid from the source grid (shared by all keys) onto the frame."""
         shape = (self.spatial_size,) * 3
         return sampling_grid(
-            torch.eye(4, dtype=torch.float64)[None], frame[None], _affine(source)[None], shape, source.shape[1:]
+            torch.eye(4, dtype=torch.float64)[None], frame[None], affine_of(source)[None], shape, source.shape[1:]
         )
 
     def _sample(
@@ -162,7 +147,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
     ) -> MetaTensor:
         data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         if anti_alias:
-            data = _anti_alias(data.to(torch.float32), _affine(image), self.spacing)
+            data = anti_aliased(data.to(torch.float32), affine_of(image), self.spacing)
         warped = warp(data[None].to(torch.float32), grid, mode=mode)[0]
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         meta.pop("affine", None)
@@ -184,7 +169,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
         return d
 
 
-def _anti_alias(image: torch.Tensor, affine: torch.Tensor, target_spacing: float) -> torch.Tensor:
+def anti_aliased(image: torch.Tensor, affine: torch.Tensor, target_spacing: float) -> torch.Tensor:
     """Gaussian blur ``(C, D, H, W)`` before downsampling to ``target_spacing`` mm (sigma = (factor - 1) / 2 voxels
     per axis; scipy's recursive-free separable filter is ~20x faster than a 3-D convolution here)."""
     spacing = affine[:3, :3].norm(dim=0)
@@ -195,125 +180,3 @@ def _anti_alias(image: torch.Tensor, affine: torch.Tensor, target_spacing: float
     for channel, out in zip(image, blurred):
         gaussian_filter(channel.numpy(), sigma=sigma, truncate=2.0, output=out.numpy())
     return blurred
-
-
-def random_affine_matrix(
-    rng: np.random.RandomState,
-    rotate_range: float = math.pi,
-    scale_range: float = 0.2,
-    shear_range: float = 0.1,
-    translate_range: Sequence[float] = (0.0, 0.0, 0.0),
-    center: Sequence[float] = (0.0, 0.0, 0.0),
-) -> torch.Tensor:
-    """A random world affine ``(4, 4)`` float64 about ``center`` (mm).
-
-    ``T = C Tr R Sh S C^-1``: scale ``1 +- scale_range`` per axis, shear ``+- shear_range`` (the three upper
-    off-diagonal terms), rotation by angles ``+- rotate_range`` radians about x, then y, then z, translation
-    ``+- translate_range`` mm per axis, all uniform.
-    """
-    angles = rng.uniform(-rotate_range, rotate_range, 3)
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        turn = np.eye(3)
-        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-        rotation = turn @ rotation
-    shear = np.eye(3)
-    shear[0, 1], shear[0, 2], shear[1, 2] = rng.uniform(-shear_range, shear_range, 3)
-    scale = np.diag(rng.uniform(1 - scale_range, 1 + scale_range, 3))
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation @ shear @ scale
-    center = np.asarray(center, dtype=np.float64)
-    matrix[:3, 3] = center - matrix[:3, :3] @ center + rng.uniform(-1, 1, 3) * np.asarray(translate_range)
-    return torch.from_numpy(matrix)
-
-
-def image_center(image: torch.Tensor) -> torch.Tensor:
-    """World coordinates ``(3,)`` of the centre of an image's field of view."""
-    middle = torch.tensor([(s - 1) / 2 for s in image.shape[1:]], dtype=torch.float64)
-    return apply_affine(_affine(image), middle[None])[0]
-
-
-def field_of_view(image: torch.Tensor) -> torch.Tensor:
-    """Extent ``(3,)`` in mm of an image's field of view along its voxel axes."""
-    return _affine(image)[:3, :3].norm(dim=0) * torch.tensor(image.shape[1:], dtype=torch.float64)
-
-
-class RandWorldAffined(RandomizableTransform, MapTransform):
-    """Move images, masks, labels and points by one random affine ``T`` of the world (the training augmentation).
-
-    The move is exact and costs nothing: each image keeps its voxels and gets the voxel-to-world matrix
-    ``T @ affine``, so its content now lies at ``T p`` for every point ``p`` it held; point sets ``(N, 3)`` (world
-    mm) under ``point_keys`` become ``T p``. ``T`` rotates about the first image's field-of-view centre and is
-    written to ``data[matrix_key]`` (``(4, 4)`` float64, old world -> new world); identity when not applied.
-
-    Args:
-        keys: images, masks and label maps (MetaTensors) to move.
-        point_keys: ``(N, 3)`` world point sets to move.
-        prob: probability of applying a random affine.
-        rotate_range: maximum rotation about each axis, radians (pi: any orientation).
-        scale_range: maximum relative scaling per axis (0.2: 0.8 to 1.2).
-        shear_range: maximum shear term.
-        translate_range: maximum translation as a fraction of the field of view per axis.
-        matrix_key: where the applied matrix goes.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        point_keys: KeysCollection = (),
-        prob: float = 1.0,
-        rotate_range: float = math.pi,
-        scale_range: float = 0.2,
-        shear_range: float = 0.1,
-        translate_range: float = 0.1,
-        matrix_key: str = "world_transform",
-        allow_missing_keys: bool = False,
-    ):
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.point_keys = [point_keys] if isinstance(point_keys, str) else list(point_keys)
-        self.rotate_range, self.scale_range = rotate_range, scale_range
-        self.shear_range, self.translate_range = shear_range, translate_range
-        self.matrix_key = matrix_key
-        self.matrix = torch.eye(4, dtype=torch.float64)
-
-    def randomize(self, reference: torch.Tensor) -> None:
-        super().randomize(None)
-        self.matrix = torch.eye(4, dtype=torch.float64)
-        if self._do_transform:
-            self.matrix = random_affine_matrix(
-                self.R,
-                self.rotate_range,
-                self.scale_range,
-                self.shear_range,
-                (self.translate_range * field_of_view(reference)).tolist(),
-                image_center(reference).tolist(),
-            )
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        self.randomize(d[keys[0]])
-        for key in keys:
-            moved = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(d[key])
-            moved = moved.clone()
-            moved.affine = self.matrix @ _affine(moved)
-            d[key] = moved
-        for key in self.point_keys:
-            if key in d:
-                d[key] = apply_affine(self.matrix.to(torch.as_tensor(d[key]).dtype), torch.as_tensor(d[key]))
-        d[self.matrix_key] = self.matrix.clone()
-        return d
-
-
-def random_points_in_mask(mask: torch.Tensor, count: int, rng: np.random.RandomState) -> torch.Tensor:
-    """``count`` world points ``(count, 3)`` (float64, mm) drawn uniformly among a mask's voxels, jittered
-    within their voxel so they are not on the lattice."""
-    voxels = torch.nonzero(torch.as_tensor(mask[0]) > 0.5).to(torch.float64)
-    if len(voxels) == 0:
-        raise KeyMorphInputError(f"{_source_name(mask)}: the brain mask is empty; cannot place keypoints")
-    chosen = voxels[torch.from_numpy(rng.choice(len(voxels), size=count, replace=len(voxels) < count))]
-    chosen = chosen + torch.from_numpy(rng.uniform(-0.5, 0.5, chosen.shape))
-    return apply_affine(_affine(mask), chosen)

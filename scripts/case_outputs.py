@@ -1,0 +1,355 @@
+"""What a registered case leaves in ``OUT_DIR/NAME/``, and the handler of ``configs/inference.yaml`` writing it.
+
+For ``IN_DIR/NAME.nii.gz``, :class:`RegistrationWriter` fills ``OUT_DIR/NAME/`` with ``registered.nii.gz`` (the
+ORIGINAL moving image resampled onto the fixed image's native grid, with the fixed header: :func:`write_registered`,
+which the benchmark calls too), the transform files of :func:`scripts.transform_io.write_transform_files`
+(``transform.tfm``: ITK, fixed -> moving physical points, LPS; its inverse; ``affine_ras.txt``: moving RAS mm ->
+fixed RAS mm; FSL FLIRT and FreeSurfer LTA files), ``moving_mask.nii.gz`` (the moving brain mask on the moving
+grid), ``keypoints_moving.csv`` and ``keypoints_fixed.csv`` (RAS mm), ``qc.png`` (the fixed image's edges over the
+registered image, fixed grid), ``qc_keypoints.png`` (the network grids with the keypoints), ``provenance.json``,
+optionally ``registered_header_only.nii.gz`` (the moving voxels with the header moved into the fixed space) and,
+for each accompanying image ``EXTRA`` (``apply_to``), ``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per
+input and ``OUT_DIR/index.html`` shows them all, worst first (:mod:`scripts.qc_report`).
+
+Outputs are atomic per case: the files are written into a hidden staging folder ``OUT_DIR/.keymorph-tmp-*``, which
+then replaces ``OUT_DIR/NAME`` as a whole (:func:`scripts.output_folder.replace_folder`), so ``OUT_DIR/NAME`` is
+either absent, the complete old result or the complete new one, never a mix, even after a crash or kill (leftover
+hidden folders are removed by the next run). Overwriting replaces the whole case folder, files added to it by hand
+included. A case is done when ``OUT_DIR/NAME`` holds every output file (:func:`case_done`). Registered cases get
+``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc` flags them; a case whose files cannot be written
+gets ``error`` and the next case is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.cli import as_bool
+from scripts.coordinates import affine_of, resample_onto
+from scripts.errors import KeyMorphInputError, message_naming
+from scripts.image_io import header_moved, is_label_map, load_volume, save_volume
+from scripts.output_folder import (
+    INDEX_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    inside,
+    read_summary_rows,
+    remove_leftovers,
+    replace_folder,
+    staging_name,
+)
+from scripts.provenance import PROVENANCE_FILE, write_provenance
+from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
+from scripts.qc_report import edges_figure, write_index
+from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
+
+logger = logging.getLogger(__name__)
+
+MASK_FILE = "moving_mask.nii.gz"
+OUTPUT_FILES = (
+    "registered.nii.gz",
+    "transform.tfm",
+    "transform_inverse.tfm",
+    "affine_ras.txt",
+    "transform_flirt.mat",
+    "transform.lta",
+    MASK_FILE,
+    "keypoints_moving.csv",
+    "keypoints_fixed.csv",
+    "qc.png",
+    "qc_keypoints.png",
+    PROVENANCE_FILE,
+)
+# with header_only: the moving image, voxels untouched, its header moved into the fixed space
+HEADER_ONLY_FILE = "registered_header_only.nii.gz"
+SUMMARY_COLUMNS = [
+    "name",
+    "status",
+    "message",
+    "seconds",
+    "keypoint_residual_mm",
+    "similarity",
+    "brain_fill",
+    "smoothness",
+]
+STATUSES = ("ok", "suspect", "error", "skipped")
+
+
+def extra_output_names(paths) -> list[str]:
+    """File names of a case's accompanying images once registered, in order: ``registered_`` + the image's file
+    name or, for images sharing a file name (``labels/a_seg.nii.gz``, ``lesions/a_seg.nii.gz``), + as many of its
+    parent folders as tell them apart (``registered_labels_a_seg.nii.gz``); raises :class:`KeyMorphInputError` when
+    two names still clash (one would overwrite the other)."""
+    split = [os.path.normpath(p).split(os.sep) for p in paths]
+    names = []
+    for parts in split:
+        depth = 1
+        while depth < len(parts) and any(o != parts and o[-depth:] == parts[-depth:] for o in split):
+            depth += 1
+        names.append("registered_" + "_".join(parts[-depth:]))
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise KeyMorphInputError(f"accompanying images would overwrite each other as {', '.join(clashes)}")
+    return names
+
+
+def case_done(output_dir: str, name: str, extra=()) -> bool:
+    """Whether ``output_dir/name`` holds every output of a case with these accompanying images."""
+    folder = os.path.join(output_dir, name)
+    expected = [*OUTPUT_FILES, *extra_output_names(extra)]
+    return all(os.path.isfile(os.path.join(folder, f)) for f in expected)
+
+
+def source_path(item: dict) -> str:
+    """The moving image's path of a dataset item, before or after preprocessing (then a MetaTensor)."""
+    image = item.get("original", item["image"])
+    if isinstance(image, str):
+        return image
+    return str(getattr(image, "meta", {}).get("filename_or_obj", item.get("name", "<image>")))
+
+
+def write_registered(path: str, moving, fixed_file: nib.Nifti1Image, fixed_to_moving: torch.Tensor) -> torch.Tensor:
+    """Resample the ORIGINAL moving image (a ``(1, D, H, W)`` MetaTensor on its own grid) onto the fixed file's
+    native grid through the ``(4, 4)`` fixed-to-moving world matrix and write it to ``path`` with the fixed header
+    (float32); returns the resampled ``(D, H, W)`` volume."""
+    registered = resample_onto(
+        moving.as_tensor(), affine_of(moving), affine_of(fixed_file), fixed_file.shape[:3], fixed_to_moving
+    )[0]
+    save_volume(path, registered.numpy(), fixed_file, np.float32)
+    return registered
+
+
+def format_seconds(value) -> str:
+    """A duration for the summary, two decimals; also from a spreadsheet's ``1,5`` (empty when unreadable)."""
+    try:
+        return f"{float(str(value or 0).replace(',', '.')):.2f}"
+    except ValueError:
+        return ""
+
+
+class RegistrationWriter:
+    """Ignite handler writing each case's files and ``summary.csv`` (see the module docstring).
+
+    Args:
+        output_dir: OUT_DIR.
+        similarity_threshold: cases whose aligned-image similarity (see :mod:`scripts.qc`) falls below it are
+            marked "suspect".
+        residual_threshold: likewise for the keypoint fit residual in mm (above it: "suspect").
+        max_brain_fill: likewise for the fraction of the moving image inside its brain mask (above it: "suspect").
+        min_smoothness: likewise for the correlation of neighbouring moving brain voxels (below it: "suspect").
+        header_only: also write ``registered_header_only.nii.gz`` (:func:`scripts.image_io.header_moved`).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        similarity_threshold: float = QC_THRESHOLDS["min_similarity"],
+        residual_threshold: float = QC_THRESHOLDS["max_residual_mm"],
+        max_brain_fill: float = QC_THRESHOLDS["max_brain_fill"],
+        min_smoothness: float = QC_THRESHOLDS["min_smoothness"],
+        header_only: bool = False,
+    ):
+        self.output_dir = output_dir
+        self.header_only = as_bool(header_only, "header_only")
+        self.thresholds = {
+            "min_similarity": float(similarity_threshold),
+            "max_residual_mm": float(residual_threshold),
+            "max_brain_fill": float(max_brain_fill),
+            "min_smoothness": float(min_smoothness),
+        }
+        self.rows: dict[str, dict] = {}
+        self.counts: dict[str, int] = {}
+        self.lock = RunLock(output_dir)
+        self.summary_problem: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._load_summary)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._release_and_raise)
+
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.output_dir, SUMMARY_FILE)
+
+    def _release_and_raise(self, engine: Engine, error: BaseException) -> None:
+        self.lock.release()
+        raise error
+
+    @property
+    def index_path(self) -> str:
+        return os.path.join(self.output_dir, INDEX_FILE)
+
+    def _load_summary(self, engine: Engine) -> None:
+        """Take the output folder (:class:`scripts.output_folder.RunLock`), clean what a killed run left and read
+        the earlier summary rows."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.lock.acquire()
+        remove_leftovers(self.output_dir)
+        self.counts = {}
+        if os.path.exists(self.summary_path):
+            self.rows = read_summary_rows(self.summary_path)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        row = {key: output.get(key, "") for key in SUMMARY_COLUMNS}
+        if output["status"] == "skipped":
+            row = self.rows.get(output["name"], row)
+        elif output["status"] == "ok":
+            moving_path = source_path(output["moving"])
+            try:
+                row.update(self._write_case(output))
+            except Exception as error:  # one case must never stop the folder
+                logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
+                row.update(status="error", message=message_naming(error, moving_path))
+            row["seconds"] = time.perf_counter() - output["start"]
+        row["seconds"] = format_seconds(row.get("seconds"))
+        self.rows[output["name"]] = row
+        status = "skipped" if output["status"] == "skipped" else row["status"]
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status == "error":
+            logger.error(row["message"])
+        elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
+            logger.warning(f"{output['name']}: {row['message']}")
+        self._try_write_summary()
+
+    def _try_write_summary(self) -> None:
+        """Write the summary; when the folder stops taking files (read-only, full), keep the rows in memory, warn
+        once, and let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
+        try:
+            self._write_summary()
+            self.summary_problem = None
+        except OSError as error:
+            if self.summary_problem is None:
+                logger.warning(f"{self.summary_path}: cannot write ({error.strerror or error}); trying on")
+            self.summary_problem = error.strerror or str(error)
+
+    def _write_case(self, output: dict) -> dict:
+        """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
+        name = output["name"]
+        final = inside(self.output_dir, name)
+        staging = inside(self.output_dir, staging_name("tmp", name))
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            fields = self._write_files(output, staging)
+            replace_folder(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return fields
+
+    def _write_files(self, output: dict, folder: str) -> dict:
+        registration, fixed, moving = output["registration"].to("cpu"), output["fixed"], output["moving"]
+        moving_volume = moving["original"]
+        source = moving_volume.meta.get("filename_or_obj", output["name"])
+        matrix = registration.fixed_to_moving[0].detach().cpu().to(torch.float64)
+        if not bool(torch.isfinite(matrix).all()) or abs(float(torch.linalg.det(matrix[:3, :3]))) < 1e-6:
+            raise KeyMorphInputError(f"{source}: registration failed (the fitted transform is degenerate)")
+        fixed_file = nib.load(fixed["image"].meta["filename_or_obj"])
+        fixed_affine = affine_of(fixed_file)
+        registered = write_registered(os.path.join(folder, "registered.nii.gz"), moving_volume, fixed_file, matrix)
+        for extra, extra_name in zip(moving.get("extra", []), extra_output_names(moving.get("extra", []))):
+            self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
+        moving_file = nib.load(source)
+        write_transform_files(folder, matrix, fixed_file, moving_file)
+        self._write_moving_mask(moving["native_mask"], moving_file, folder)
+        if self.header_only:
+            moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
+            write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
+        record = moving.get("provenance") or {}
+        write_atomically(os.path.join(folder, PROVENANCE_FILE), lambda p: write_provenance(p, record))
+        for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
+            path = os.path.join(folder, f"keypoints_{role}.csv")
+            write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
+        scores = qc_scores(registration, fixed, moving)
+        title = f"{output['name']}: fixed image edges over the registered image"
+        write_atomically(os.path.join(folder, "qc.png"), lambda p: edges_figure(p, registered, fixed_file, title))
+        write_atomically(os.path.join(folder, "qc_keypoints.png"), lambda p: qc_figure(p, registration, fixed, moving))
+        reasons = qc_flags(scores, self.thresholds)
+        notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
+        notes += moving.get("notes", [])
+        nonfinite = float(moving_volume.meta.get("nonfinite_fraction", 0.0))
+        if nonfinite > 0:
+            notes.append(f"{100 * nonfinite:.2g}% of the voxels were NaN or infinite (set to 0)")
+        return {
+            "status": "suspect" if reasons else "ok",
+            "message": "; ".join(notes),
+            "keypoint_residual_mm": f"{scores['residual']:.3f}",
+            "similarity": f"{scores['similarity']:.4f}",
+            "brain_fill": f"{scores['brain_fill']:.4f}",
+            "smoothness": f"{scores['smoothness']:.4f}",
+        }
+
+    @staticmethod
+    def _write_moving_mask(mask, moving_file, folder: str) -> None:
+        """Write the moving brain mask (found on the RAS-reoriented grid) on the moving file's own grid, voxel for
+        voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8 0/1."""
+        native = resample_onto(
+            mask.as_tensor().cpu(),
+            affine_of(mask),
+            torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
+            moving_file.shape[:3],
+            torch.eye(4, dtype=torch.float64),
+            mode="nearest",
+        )[0]
+        save_volume(os.path.join(folder, MASK_FILE), (native > 0.5).numpy(), moving_file, np.uint8)
+
+    @staticmethod
+    def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
+        (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
+        volume = load_volume(path, require_contrast=False)
+        moving_affine = affine_of(volume)
+        if not is_label_map(path):
+            warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]
+            save_volume(target, warped.numpy(), fixed_file, np.float32)
+            return
+        # Label values need not fit float32 (2**24 + 1 does not), which the resampling computes in: it moves the
+        # 1-based rank of each voxel's value among the image's values instead (0: outside the moving image).
+        labels = np.asanyarray(nib.load(path).dataobj).reshape(volume.shape[1:])
+        values, ranks = np.unique(labels, return_inverse=True)
+        if len(values) >= 2**24:
+            raise KeyMorphInputError(f"{path}: more than 2**24 distinct label values")
+        ranks = torch.from_numpy((ranks.reshape(labels.shape) + 1).astype(np.float32))[None]
+        del volume
+        warped = resample_onto(ranks, moving_affine, fixed_affine, fixed_file.shape[:3], matrix, mode="nearest")[0]
+        warped = warped.numpy().astype(np.int64)
+        dtype = nib.load(path).get_data_dtype()
+        out = np.where(warped > 0, values[np.maximum(warped - 1, 0)], 0).astype(dtype)
+        save_volume(target, out, fixed_file, dtype)
+
+    def _write_summary(self) -> None:
+        def write(path: str) -> None:
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.rows.values())
+
+        write_atomically(self.summary_path, write)
+        write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
+
+    def _report(self, engine: Engine) -> None:
+        """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
+        let go of the output folder. Raises :class:`KeyMorphInputError` when the summary could not be written (the
+        output folder stopped taking files during the run)."""
+        if self.summary_problem is not None:
+            self._try_write_summary()
+        self.lock.release()
+        engine.state.registration_counts = dict(self.counts)
+        total = sum(self.counts.values())
+        parts = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
+        if self.summary_problem is not None:
+            raise KeyMorphInputError(
+                f"{self.summary_path}: cannot write the summary ({self.summary_problem}): the output folder stopped"
+                f" taking files during the run; {total} input(s) this run: {parts or 'none'}"
+            )
+        logger.info(f"{total} input(s): {parts or 'none'}; summary: {self.summary_path}; QC page: {self.index_path}")
