@@ -9,9 +9,9 @@ import torch
 from monai.data import MetaTensor
 
 from scripts.coordinates import rotation_angle_deg
+from scripts.head_pose import HeadPoseSearch, box_average
 from scripts.image_io import resample_world_aligned
 from scripts.random_motions import axis_angle_rotation, misalignment
-from scripts.head_pose import HeadPoseSearch, box_average
 
 
 @pytest.fixture(scope="module")
