@@ -9,7 +9,8 @@ at zero; the cost is Parzen-window mutual information (MONAI's :class:`GlobalMut
 fixed image at ``samples`` random fixed-brain voxels and the moving image at their transformed positions. Adam's step
 decays from ``learning_rate`` to a tenth of it along a cosine: large steps first to cover the keypoint solution's
 few millimetres and percent quickly, small ones last so that the result settles instead of jittering around the
-optimum.
+optimum. The result is the parameters of the lowest cost met on the way, the keypoint solution included: the
+refinement never ends worse, by its own criterion, than where it started or than any step it took.
 """
 
 from __future__ import annotations
@@ -76,16 +77,24 @@ def refine_affine(
         updated = center + centred @ (torch.eye(3, dtype=torch.float64) + 0.1 * linear).T + 10.0 * shift
         return apply_affine(initial, updated)
 
+    def cost() -> torch.Tensor:
+        grid = world_points_to_grid(transformed()[None], moving_affine[None].to(torch.float64), moving_shape)
+        return loss_fn(warp(moving_image, grid.view(1, -1, 1, 1, 3).to(torch.float32)), fixed_values)
+
+    best_cost, best = float("inf"), (linear.detach().clone(), shift.detach().clone())
     with torch.enable_grad():  # callers register under no_grad; only these 12 parameters get gradients
-        for _ in range(iterations):
+        for step in range(iterations + 1):  # the last pass only scores the last step
             optimizer.zero_grad()
-            grid = world_points_to_grid(transformed()[None], moving_affine[None].to(torch.float64), moving_shape)
-            sampled = warp(moving_image, grid.view(1, -1, 1, 1, 3).to(torch.float32))
-            loss_fn(sampled, fixed_values).backward()
+            loss = cost()
+            if float(loss) < best_cost:
+                best_cost, best = float(loss), (linear.detach().clone(), shift.detach().clone())
+            if step == iterations:
+                break
+            loss.backward()
             optimizer.step()
             schedule.step()
+    linear, shift = best
     update = torch.eye(4, dtype=torch.float64)
-    with torch.no_grad():
-        update[:3, :3] = torch.eye(3, dtype=torch.float64) + 0.1 * linear
-        update[:3, 3] = center + 10.0 * shift - update[:3, :3] @ center
+    update[:3, :3] = torch.eye(3, dtype=torch.float64) + 0.1 * linear
+    update[:3, 3] = center + 10.0 * shift - update[:3, :3] @ center
     return initial @ update

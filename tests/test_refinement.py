@@ -57,3 +57,12 @@ def test_no_iterations_returns_the_keypoint_solution():
     fixed, mask, affine = phantom(24, 4.0)
     start = small_move(2.0, (1.0, 0.0, 0.0), 1.0)
     assert refine_affine(fixed, affine, mask, fixed, affine, start, iterations=0) is start
+
+
+def test_refinement_never_ends_worse_than_the_keypoint_solution():
+    """Steps far too large for the cost throw Adam off the exact solution: the result stays the best it met."""
+    fixed, mask, affine = phantom()
+    truth = small_move(3.0, (2.0, -1.0, 1.0), 1.02)
+    moving = torch.where(mask > 0, 1.0 - fixed, torch.zeros_like(fixed))
+    refined = refine_affine(fixed, affine, mask, moving, truth @ affine, truth, iterations=10, learning_rate=3.0)
+    assert mean_error(refined, truth, mask, affine) < 0.3
