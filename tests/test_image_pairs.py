@@ -125,13 +125,14 @@ def test_cache_reads_each_file_once_and_keeps_a_small_brain_grid(ixi_set, monkey
         reads.append(os.path.basename(os.path.dirname(path)))
         return load_volume(path, *args, **kwargs)
 
-    monkeypatch.setattr(scripts.image_io, "load_volume", counting)  # images and label maps both read through it
+    monkeypatch.setattr(scripts.image_io, "load_volume", counting)  # images, label maps and masks all read through it
     datalist = [item for item in ixi_datalist(ixi_set) if item["subject"] == "IXI002"]
     dataset = ImagePairDataset(datalist, 3, augmentation(), frame(), spacing=3.0)
-    assert sorted(reads) == sorted(f"IXI-{m}{part}" for m in ("T1", "T2", "PD") for part in ("", "-labels"))
+    files = sorted(f"IXI-{m}{part}" for m in ("T1", "T2", "PD") for part in ("", "-labels", "-masks"))
+    assert sorted(reads) == files
     for index in range(len(dataset)):
         dataset[index]
-    assert len(reads) == 6  # the draws used the cache
+    assert len(reads) == len(files)  # the draws used the cache
     for kept in dataset.cache:
         assert set(kept) == {"image", "mask", "label"}
         assert kept["image"].dtype == torch.float32 and kept["mask"].dtype == torch.uint8
