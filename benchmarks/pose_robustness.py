@@ -5,6 +5,7 @@ Usage (from the bundle root)::
     python benchmarks/pose_robustness.py --label_maps_dir ../shared/data/label_maps \\
         --subjects training_seg_13 training_seg_14 training_seg_15 training_seg_16 --output_dir docs/benchmark/pose \\
         [--angles 0 45 90 135 180] [--spacing 1.0] [--work_dir DIR] [--setting KEY=VALUE ...] [--mask_only]
+        [--report_only]
 
 Images
 ------
@@ -343,8 +344,31 @@ def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str
                 cells.append(f"{_mean(dice)} (min {min(dice):.3f})" if dice else "-")
             seconds = np.median([r["seconds"] for r in group])
             lines += [f"| {method} | " + " | ".join(cells) + f" | {seconds:.1f} |"]
+        lines += ["", "The same per contrast (all angles):", ""]
+        contrasts = [c for c in CONTRASTS if any(r["contrast"] == c for r in mask_rows)]
+        lines += ["| method | " + " | ".join(contrasts) + " |", "|---|" + "---|" * len(contrasts)]
+        for method in sorted({r["method"] for r in mask_rows}):
+            cells = [
+                _mean(r["dice"] for r in mask_rows if r["method"] == method and r["contrast"] == c) for c in contrasts
+            ]
+            lines += [f"| {method} | " + " | ".join(cells) + " |"]
         lines += [""]
     return "\n".join(lines)
+
+
+def _read_csv(path: str) -> list[dict]:
+    """Rows written by :func:`_write_csv`, with their booleans and numbers back (none when the file is absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key, value in row.items():
+            if value in ("True", "False"):
+                row[key] = value == "True"
+            elif key in ("angle", "dice", "error_mm", "seconds"):
+                row[key] = float(value) if value else float("nan")
+    return rows
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
@@ -366,8 +390,15 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--setting", action="append", default=[], help="KEY=VALUE override of inference.yaml")
     parser.add_argument("--mask_only", action="store_true", help="only the brain-extraction table")
+    parser.add_argument(
+        "--report_only", action="store_true", help="rewrite summary.md from the csv files in --output_dir; no run"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.report_only:
+        rows = _read_csv(os.path.join(args.output_dir, "cases.csv"))
+        mask_rows = _read_csv(os.path.join(args.output_dir, "mask_dice.csv"))
+        return _report(args.output_dir, rows, mask_rows, args.setting)
     os.makedirs(args.output_dir, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
     label_maps = [os.path.join(args.label_maps_dir, f"{s}.nii.gz") for s in args.subjects]
@@ -385,8 +416,12 @@ def main(argv=None) -> int:
         _write_csv(os.path.join(args.output_dir, "cases.csv"), rows)
     mask_rows = mask_scores(cases)
     _write_csv(os.path.join(args.output_dir, "mask_dice.csv"), mask_rows)
-    text = summary_markdown(rows, mask_rows, args.setting)
-    with open(os.path.join(args.output_dir, "summary.md"), "w") as handle:
+    return _report(args.output_dir, rows, mask_rows, args.setting)
+
+
+def _report(output_dir: str, rows: list[dict], mask_rows: list[dict], settings: list[str]) -> int:
+    text = summary_markdown(rows, mask_rows, settings)
+    with open(os.path.join(output_dir, "summary.md"), "w") as handle:
         handle.write(text + "\n")
     print(text)
     return 0
