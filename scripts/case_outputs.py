@@ -307,7 +307,7 @@ class RegistrationWriter:
     def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:
         """Apply the transform to an accompanying image and write it to ``target``: integer images are label maps
         (nearest neighbour, values and dtype kept exactly), others are resampled trilinearly to float32."""
-        volume = load_volume(path, require_contrast=False)
+        volume = load_volume(path, to_register=False)
         moving_affine = affine_of(volume)
         if not is_label_map(path):
             warped = resample_onto(volume.as_tensor(), moving_affine, fixed_affine, fixed_file.shape[:3], matrix)[0]

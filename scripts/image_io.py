@@ -190,9 +190,7 @@ def check_readers_agree(path: str, image: nib.Nifti1Image, affine: np.ndarray, s
         )
 
 
-def _check_data(
-    path: str, data: np.ndarray, affine: np.ndarray, require_contrast: bool = True
-) -> tuple[np.ndarray, float]:
+def _check_data(path: str, data: np.ndarray, affine: np.ndarray, to_register: bool = True) -> tuple[np.ndarray, float]:
     """The checked volume ``(D, H, W)`` float32 with non-finite voxels set to 0, and the fraction that were."""
     if data.dtype.fields is not None:
         channels = "".join(data.dtype.names or ())
@@ -209,7 +207,7 @@ def _check_data(
     if data.ndim != 3:
         raise KeyMorphInputError(f"{path}: {data.ndim}-D image of shape {data.shape}; a 3-D volume is needed")
     extent = np.linalg.norm(affine[:3, :3], axis=0) * np.array(data.shape)
-    if extent.min() < MIN_EXTENT_MM or min(data.shape) < MIN_VOXELS:
+    if to_register and (extent.min() < MIN_EXTENT_MM or min(data.shape) < MIN_VOXELS):
         raise KeyMorphInputError(
             f"{path}: field of view {np.round(extent, 1).tolist()} mm ({list(data.shape)} voxels) is too small"
             " to hold a brain"
@@ -226,12 +224,12 @@ def _check_data(
         low, high = values.min(), values.max()
     else:
         low, high = data.min(), data.max()
-    if require_contrast and high == low:
+    if to_register and high == low:
         raise KeyMorphInputError(f"{path}: the image is constant ({high:g} everywhere); nothing to register")
     return data, float(1.0 - finite_count / data.size)
 
 
-def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
+def load_volume(path: str, to_register: bool = True) -> MetaTensor:
     """Read and check a NIfTI volume; returns a ``(1, D, H, W)`` float32 MetaTensor with the RAS affine.
 
     Non-finite voxels become 0; ``meta["nonfinite_fraction"]`` tells how many there were. A 4-D file with a single
@@ -240,13 +238,14 @@ def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
 
     Args:
         path: the NIfTI file.
-        require_contrast: refuse a constant image (nothing to register). False for images that only follow a
-            registration, such as an empty lesion mask given with ``apply_to``.
+        to_register: refuse a constant image (nothing to register) and a field of view too small to hold a brain.
+            False for files that only follow a registration: a brain mask, an empty lesion mask given with
+            ``apply_to``.
     """
     path = os.fspath(path)
     image = _read(path)
     affine = _check_affine(path, image)
-    data, nonfinite = _check_data(path, np.asarray(image._keymorph_data), affine, require_contrast)
+    data, nonfinite = _check_data(path, np.asarray(image._keymorph_data), affine, to_register)
     check_readers_agree(path, image, affine, data.shape)
     meta = {
         "filename_or_obj": path,
@@ -257,11 +256,11 @@ def load_volume(path: str, require_contrast: bool = True) -> MetaTensor:
     return MetaTensor(torch.from_numpy(data)[None], affine=torch.from_numpy(affine), meta=meta)
 
 
-def load_onto_grid(path: str, image: MetaTensor, require_contrast: bool = True) -> MetaTensor:
+def load_onto_grid(path: str, image: MetaTensor, to_register: bool = True) -> MetaTensor:
     """Read a file that belongs with ``image`` (a label map, a mask) through :func:`load_volume`'s checks, reorient
     it to RAS and bring it onto ``image``'s grid (nearest neighbour, through world coordinates) when it lies on
     another; returns ``(1, D, H, W)`` float32 (values as in the file) with ``image``'s affine."""
-    loaded = Orientation(axcodes="RAS", labels=None)(load_volume(path, require_contrast))
+    loaded = Orientation(axcodes="RAS", labels=None)(load_volume(path, to_register))
     loaded_affine, image_affine = affine_of(loaded), affine_of(image).cpu()
     shape = tuple(image.shape[1:])
     if tuple(loaded.shape[1:]) != shape or not torch.allclose(loaded_affine, image_affine, atol=GRID_ATOL_MM):

@@ -227,4 +227,4 @@ class SkullStripd(MapTransform):
         checks), on the image grid."""
         if path is None:
             raise KeyMorphInputError(f"{name}: skull-stripping backend 'mask' needs a mask file but none was given")
-        return load_onto_grid(os.fspath(path), image, require_contrast=False)[0] > self.threshold
+        return load_onto_grid(os.fspath(path), image, to_register=False)[0] > self.threshold
