@@ -199,15 +199,34 @@ def test_a_killed_rank_loses_no_finished_case_and_a_rerun_completes_the_rest(run
     assert sorted(os.listdir(output)) == sorted([*names, "index.html", "summary.csv"])
 
 
-def test_more_ranks_than_cases(runs, tmp_path):
-    """Three ranks, two cases: the third rank has none and still takes part (no hang, one summary)."""
-    write_cases(tmp_path / "in", ["a", "b"])
+def test_more_ranks_than_cases_and_a_bad_input(runs, tmp_path):
+    """Three ranks, two inputs, one of them not an image: the third rank has no case and still takes part (no
+    hang), the bad input gets its error row and every rank ends with the job's one line (torchrun then exits 1)."""
+    write_cases(tmp_path / "in", ["a"])
+    (tmp_path / "in" / "bad.nii.gz").write_bytes(b"not an image")
     arguments = with_output(runs["arguments"], tmp_path / "out")
     arguments[arguments.index("--dataset_dir") + 1] = str(tmp_path / "in")
     process = run_torchrun(arguments, processes=3)
-    assert process.returncode == 0, log(process)[-3000:]
-    assert "2 input(s): 2 ok" in log(process)
-    assert [row["name"] for row in summary_rows(tmp_path / "out")] == ["a", "b"]
+    assert process.returncode == 1, log(process)[-3000:]
+    assert "2 input(s): 1 ok, 1 error" in log(process), log(process)[-3000:]
+    line = f"keymorph: error: 1 of 2 input(s) failed; see {tmp_path / 'out' / 'summary.csv'} for each message"
+    assert process.stderr.count(line) == 3, process.stderr[-3000:]
+    rows = summary_rows(tmp_path / "out")
+    assert [(row["name"], row["status"]) for row in rows] == [("a", "ok"), ("bad", "error")]
+    assert str(tmp_path / "in" / "bad.nii.gz") in rows[1]["message"]
+
+
+def test_a_folder_another_run_holds_is_refused_by_every_rank(runs, tmp_path):
+    from scripts.output_folder import RunLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    with RunLock(str(output)):
+        process = run_torchrun(with_output(runs["arguments"], output))
+    assert process.returncode != 0
+    line = f"keymorph: error: {output}: another KeyMorph run (PID {os.getpid()}) is writing to this output folder"
+    assert process.stderr.count(line) == 2, process.stderr[-3000:]
+    assert os.listdir(output) == []
 
 
 # --- the overlay as a config ------------------------------------------------------------------------------------
