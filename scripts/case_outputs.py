@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 
 import nibabel as nib
 import numpy as np
@@ -249,10 +250,10 @@ class RegistrationWriter:
             rows.update(read_summary_rows(path))
         if unmerged:
             self.rows = rows
-            self._merged_rank_rows()
+            self._write_merged_summary()
         return rows
 
-    def _merged_rank_rows(self) -> None:
+    def _write_merged_summary(self) -> None:
         """Write the summary with the ranks' rows merged into it; once it is written, remove their row files."""
         self._try_write_summary()
         if self.summary_problem is None:
@@ -412,10 +413,7 @@ class RegistrationWriter:
             self.rows = dict(self.earlier_rows)
             for turn in range(max(len(share) for share in shares)):
                 self.rows.update(share[turn] for share in shares if turn < len(share))
-        self.counts = {}
-        for _, counts in everyone:
-            for status, count in counts.items():
-                self.counts[status] = self.counts.get(status, 0) + count
+        self.counts = dict(sum((Counter(counts) for _, counts in everyone), Counter()))
 
     def _report(self, engine: Engine) -> None:
         """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
@@ -427,7 +425,7 @@ class RegistrationWriter:
             if self.rank > 0:
                 self.summary_problem = None
             else:
-                self._merged_rank_rows()
+                self._write_merged_summary()
         elif self.summary_problem is not None:
             self._try_write_summary()
         self.lock.release()

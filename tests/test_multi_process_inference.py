@@ -229,6 +229,32 @@ def test_a_folder_another_run_holds_is_refused_by_every_rank(runs, tmp_path):
     assert os.listdir(output) == []
 
 
+def test_a_rerun_merges_the_row_files_a_killed_job_left(tmp_path):
+    """Also without torchrun: the rows a killed job's ranks kept go into summary.csv (newer than its rows), once."""
+    from scripts.case_outputs import RegistrationWriter
+    from scripts.output_folder import rank_rows_path
+
+    def write_rows(path, rows):
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["name", "status", "keypoint_residual_mm"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_rows(tmp_path / "summary.csv", [{"name": "a", "status": "ok"}, {"name": "b", "status": "error"}])
+    write_rows(rank_rows_path(str(tmp_path), 1), [{"name": "b", "status": "ok", "keypoint_residual_mm": "2.5"}])
+    write_rows(rank_rows_path(str(tmp_path), 3), [{"name": "c", "status": "suspect"}])
+    writer = RegistrationWriter(str(tmp_path))
+    writer._load_summary(None)
+    writer.lock.release()
+    assert [(row["name"], row["status"]) for row in summary_rows(tmp_path)] == [
+        ("a", "ok"),
+        ("b", "ok"),
+        ("c", "suspect"),
+    ]
+    assert summary_rows(tmp_path)[1]["keypoint_residual_mm"] == "2.5"
+    assert sorted(os.listdir(tmp_path)) == ["index.html", "summary.csv"]  # the row files are merged and gone
+
+
 # --- the overlay as a config ------------------------------------------------------------------------------------
 
 
