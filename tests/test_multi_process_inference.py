@@ -295,6 +295,16 @@ def test_the_ranks_shares_are_disjoint_and_cover_the_cases(monkeypatch, world_si
     assert [len(share) for share in shares] == [len(range(rank, cases, world_size)) for rank in range(world_size)]
 
 
+@pytest.mark.parametrize("rank, expected", [(0, ["ProgressBar", "RegistrationWriter"]), (1, ["RegistrationWriter"])])
+def test_every_rank_writes_and_rank_0_alone_shows_progress(monkeypatch, rank, expected):
+    """The overlay disables a handler by its place in inference.yaml's list: it must stay the progress bar."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: rank)
+    handlers = layered_parser({}).get_parsed_content("handlers")
+    assert [type(handler).__name__ for handler in handlers] == expected
+
+
 def test_the_layered_workflow_has_the_bundle_properties(runs, tmp_path, monkeypatch):
     """``ConfigWorkflow`` on both files, initialized as a world of one process (what torchrun's variables say)."""
     import socket
