@@ -18,6 +18,15 @@ hidden folders are removed by the next run). Overwriting replaces the whole case
 included. A case is done when ``OUT_DIR/NAME`` holds every output file (:func:`case_done`). Registered cases get
 ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc` flags them; a case whose files cannot be written
 gets ``error`` and the next case is written.
+
+Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) every rank runs a writer for its own share of the cases
+and writes their folders (atomic as above); the writers follow the default process group. Rank 0 alone holds the
+folder's lock (``OUT_DIR/.keymorph.lock``: the job is one run), cleans what a killed run left and reads the earlier
+rows, then tells the others (the same one-line refusal on every rank when the folder is taken). During the run
+rank 0 keeps ``summary.csv`` and ``index.html`` current with its own cases, each other rank its rows in
+``OUT_DIR/.keymorph-rows-RANK.csv``; when every rank is done, rank 0 merges all rows into ``summary.csv`` and
+``index.html`` and removes the row files, and every rank learns the counts of the whole job (one exit code). A
+killed job loses no finished case: its folders are complete, and the next run merges the row files it finds.
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from scripts.cli import as_bool
@@ -42,6 +53,8 @@ from scripts.output_folder import (
     SUMMARY_FILE,
     RunLock,
     inside,
+    rank_rows_files,
+    rank_rows_path,
     read_summary_rows,
     remove_leftovers,
     replace_folder,
@@ -128,6 +141,13 @@ def write_registered(path: str, moving, fixed_file: nib.Nifti1Image, fixed_to_mo
     return registered
 
 
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def format_seconds(value) -> str:
     """A duration for the summary, two decimals; also from a spreadsheet's ``1,5`` (empty when unreadable)."""
     try:
@@ -167,7 +187,12 @@ class RegistrationWriter:
             "min_smoothness": float(min_smoothness),
         }
         self.rows: dict[str, dict] = {}
+        # the rows this run started from (rank 0 merges the ranks' rows into them, as one process would)
+        self.earlier_rows: dict[str, dict] = {}
+        # the rows of the cases this process registered in this run (what a rank hands rank 0)
+        self.run_rows: dict[str, dict] = {}
         self.counts: dict[str, int] = {}
+        self.rank, self.world_size = 0, 1
         self.lock = RunLock(output_dir)
         self.summary_problem: str | None = None
 
@@ -181,6 +206,11 @@ class RegistrationWriter:
     def summary_path(self) -> str:
         return os.path.join(self.output_dir, SUMMARY_FILE)
 
+    @property
+    def rows_path(self) -> str:
+        """The file this process keeps its rows in during the run: ``summary.csv`` on rank 0, else its row file."""
+        return self.summary_path if self.rank == 0 else rank_rows_path(self.output_dir, self.rank)
+
     def _release_and_raise(self, engine: Engine, error: BaseException) -> None:
         self.lock.release()
         raise error
@@ -190,14 +220,45 @@ class RegistrationWriter:
         return os.path.join(self.output_dir, INDEX_FILE)
 
     def _load_summary(self, engine: Engine) -> None:
-        """Take the output folder (:class:`scripts.output_folder.RunLock`), clean what a killed run left and read
-        the earlier summary rows."""
+        """On rank 0 (or alone): take the output folder (:class:`scripts.output_folder.RunLock`), clean what a
+        killed run left and read the earlier rows; the other ranks receive the rows, or the refusal, from rank 0."""
+        self.rank, self.world_size = process_group()
+        self.counts, self.run_rows = {}, {}
+        problem, rows = None, self.rows
+        if self.rank == 0:
+            try:
+                rows = self._take_folder()
+            except KeyMorphInputError as error:
+                problem = str(error)
+        if self.world_size > 1:
+            shared = [problem, rows]
+            dist.broadcast_object_list(shared, src=0)
+            problem, rows = shared
+        if problem is not None:
+            raise KeyMorphInputError(problem)
+        self.earlier_rows, self.rows = rows, dict(rows)
+
+    def _take_folder(self) -> dict[str, dict]:
+        """Lock the output folder, remove what a killed run left and return the earlier rows: ``summary.csv``'s,
+        updated by the row files of a killed multi-process job (written into the summary at once, then removed)."""
         os.makedirs(self.output_dir, exist_ok=True)
         self.lock.acquire()
         remove_leftovers(self.output_dir)
-        self.counts = {}
-        if os.path.exists(self.summary_path):
-            self.rows = read_summary_rows(self.summary_path)
+        rows = read_summary_rows(self.summary_path) if os.path.exists(self.summary_path) else dict(self.rows)
+        unmerged = rank_rows_files(self.output_dir)
+        for path in unmerged:
+            rows.update(read_summary_rows(path))
+        if unmerged:
+            self.rows = rows
+            self._write_merged_summary()
+        return rows
+
+    def _write_merged_summary(self) -> None:
+        """Write the summary with the ranks' rows merged into it; once it is written, remove their row files."""
+        self._try_write_summary()
+        if self.summary_problem is None:
+            for path in rank_rows_files(self.output_dir):
+                os.remove(path)
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -213,7 +274,7 @@ class RegistrationWriter:
                 row.update(status="error", message=message_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]
         row["seconds"] = format_seconds(row.get("seconds"))
-        self.rows[output["name"]] = row
+        self.rows[output["name"]] = self.run_rows[output["name"]] = row
         status = "skipped" if output["status"] == "skipped" else row["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
         if status == "error":
@@ -230,7 +291,7 @@ class RegistrationWriter:
             self.summary_problem = None
         except OSError as error:
             if self.summary_problem is None:
-                logger.warning(f"{self.summary_path}: cannot write ({error.strerror or error}); trying on")
+                logger.warning(f"{self.rows_path}: cannot write ({error.strerror or error}); trying on")
             self.summary_problem = error.strerror or str(error)
 
     def _write_case(self, output: dict) -> dict:
@@ -328,20 +389,44 @@ class RegistrationWriter:
         save_volume(target, out, fixed_file, dtype)
 
     def _write_summary(self) -> None:
-        def write(path: str) -> None:
+        """Rank 0 (or alone): ``summary.csv`` and ``index.html`` with every row; another rank: its row file."""
+
+        def write(path: str, rows) -> None:
             with open(path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows(self.rows.values())
+                writer.writerows(rows)
 
-        write_atomically(self.summary_path, write)
+        if self.rank > 0:
+            write_atomically(self.rows_path, lambda p: write(p, self.run_rows.values()))
+            return
+        write_atomically(self.summary_path, lambda p: write(p, self.rows.values()))
         write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
+
+    def _gather_ranks(self) -> None:
+        """When every rank is done: rank 0 merges the ranks' rows into the earlier ones in the order of the cases
+        (rank r registered cases r, r + N, ...), as one process would have; every rank learns the job's counts."""
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, (self.run_rows, self.counts))
+        if self.rank == 0:
+            shares = [list(rows.items()) for rows, _ in everyone]
+            self.rows = dict(self.earlier_rows)
+            for turn in range(max(len(share) for share in shares)):
+                self.rows.update(share[turn] for share in shares if turn < len(share))
+        self.counts = dict(sum((Counter(counts) for _, counts in everyone), Counter()))
 
     def _report(self, engine: Engine) -> None:
         """Log this run's counts and leave them in ``engine.state.registration_counts`` (the exit code uses them);
         let go of the output folder. Raises :class:`KeyMorphInputError` when the summary could not be written (the
-        output folder stopped taking files during the run)."""
-        if self.summary_problem is not None:
+        output folder stopped taking files during the run). Under ``torchrun``: the rows and counts of every rank
+        (rank 0 writes the merged summary); the error is rank 0's alone (the other ranks' rows reached it)."""
+        if self.world_size > 1:
+            self._gather_ranks()
+            if self.rank > 0:
+                self.summary_problem = None
+            else:
+                self._write_merged_summary()
+        elif self.summary_problem is not None:
             self._try_write_summary()
         self.lock.release()
         engine.state.registration_counts = dict(self.counts)

@@ -20,6 +20,10 @@ Failures and reruns:
   otherwise are redone, their row saying what changed. Failed cases have no folder, so a rerun retries them.
 * Hidden NIfTI files, MGH/MGZ and Analyze/NIfTI-pair files of the input folder are not read; each gets a
   ``skipped`` row saying why (:func:`not_read_reason`).
+
+Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) each process registers every N-th case of the same list
+(its sampler) and the writers of all ranks merge their rows (:mod:`scripts.case_outputs`);
+:func:`register_cases` and :func:`exit_if_failed` are then two steps, so the process group ends between them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 import time
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import apply_transform
@@ -260,6 +264,15 @@ class RegistrationEvaluator(SupervisedEvaluator):
             raise KeyMorphInputError(cached)
         return cached
 
+    def run(self) -> None:
+        """Register the cases; with no case at all (a rank of a ``torchrun`` job with more ranks than cases) only
+        start and complete, where the writer takes part in the other ranks' exchanges (MONAI skips empty runs)."""
+        if len(self.data_loader) == 0:
+            self.fire_event(Events.STARTED)
+            self.fire_event(Events.COMPLETED)
+            return
+        super().run()
+
     def _iteration(self, engine: Engine, batchdata):
         item = batchdata[0]
         start = time.perf_counter() - item.get("seconds", 0.0)  # include the reading and preprocessing
@@ -289,10 +302,22 @@ class RegistrationEvaluator(SupervisedEvaluator):
 @workflow_step
 def run_registration(evaluator) -> None:
     """Run the inference evaluator; exit 1 when any input failed (saying how many), 2 on a bad setting."""
+    register_cases(evaluator)
+    exit_if_failed(evaluator)
+
+
+@workflow_step
+def register_cases(evaluator) -> None:
+    """Run the inference evaluator; exit 2 when the run cannot start or end (the output folder taken or gone)."""
     try:
         evaluator.run()
     except KeyMorphInputError as error:
         fail(str(error))
+
+
+@workflow_step
+def exit_if_failed(evaluator) -> None:
+    """Exit 1 when any input of the run failed, saying how many (under ``torchrun``: of the whole job)."""
     counts = getattr(evaluator.state, "registration_counts", {})
     failed = counts.get("error", 0)
     if failed:

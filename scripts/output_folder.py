@@ -14,6 +14,9 @@
 * :class:`RunLock`: ``OUT_DIR/.keymorph.lock`` held with ``fcntl.flock`` while a run writes; a second run into the
   same folder is refused with one line naming the folder and the PID holding it. The kernel releases the lock
   when its process ends, even by ``kill -9``, so a crashed run never leaves a stale lock behind.
+* :func:`rank_rows_path`: under ``torchrun`` (``configs/multi_gpu_inference.yaml``) each rank but 0 keeps the
+  summary rows of the cases it registered in ``OUT_DIR/.keymorph-rows-RANK.csv``; rank 0 merges them into
+  ``summary.csv`` at the end, or the next run does when the job was killed (:func:`rank_rows_files`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 
 from scripts.errors import KeyMorphInputError, printable  # noqa: F401 (printable: part of this interface)
@@ -37,6 +41,8 @@ INDEX_FILE = "index.html"
 STAGING_PREFIX = ".keymorph-"
 #: Names of OUT_DIR that belong to the run itself (compared case-insensitively: macOS and Windows folders are).
 RESERVED_NAMES = frozenset({SUMMARY_FILE, LOCK_FILE, INDEX_FILE})
+#: Summary rows of the cases registered by one rank of a multi-process run: ".keymorph-rows-RANK.csv".
+RANK_ROWS_PREFIX = STAGING_PREFIX + "rows-"
 # The longest file name Linux, macOS and Windows file systems accept (bytes of UTF-8).
 MAX_NAME_BYTES = 255
 
@@ -151,11 +157,24 @@ class RunLock:
         self.release()
 
 
+def rank_rows_path(output_dir: str, rank: int) -> str:
+    """``OUT_DIR/.keymorph-rows-RANK.csv``: the summary rows of the cases rank ``rank`` registered in this run."""
+    return os.path.join(output_dir, f"{RANK_ROWS_PREFIX}{rank}.csv")
+
+
+def rank_rows_files(output_dir: str) -> list[str]:
+    """The ranks' row files in ``output_dir`` (:func:`rank_rows_path`), by rank."""
+    found = (re.fullmatch(re.escape(RANK_ROWS_PREFIX) + r"(\d+)\.csv", name) for name in os.listdir(output_dir))
+    return [rank_rows_path(output_dir, rank) for rank in sorted(int(match[1]) for match in found if match)]
+
+
 def remove_leftovers(output_dir: str) -> None:
     """Remove what a killed run left in ``output_dir``: staging folders ``.keymorph-{tmp,old}-PID-HASH`` and
     temporary files ``.tmp-PID-NAME`` of :func:`scripts.transform_io.write_atomically` (those of live processes are
-    kept)."""
+    kept). The ranks' row files (:func:`rank_rows_path`) are rows to merge, not leftovers: they stay."""
     for name in os.listdir(output_dir):
+        if name.startswith(RANK_ROWS_PREFIX):
+            continue
         if name.startswith(STAGING_PREFIX):
             field = 2
         elif name.startswith(".tmp-"):
