@@ -297,7 +297,7 @@ def test_the_ranks_shares_are_disjoint_and_cover_the_cases(monkeypatch, world_si
 
 @pytest.mark.parametrize("rank, expected", [(0, ["ProgressBar", "RegistrationWriter"]), (1, ["RegistrationWriter"])])
 def test_every_rank_writes_and_rank_0_alone_shows_progress(monkeypatch, rank, expected):
-    """The overlay disables a handler by its place in inference.yaml's list: it must stay the progress bar."""
+    """The overlay turns the progress bar off (show_progress) on ranks above 0; the writer stays on every rank."""
     import torch.distributed as dist
 
     monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: rank)
