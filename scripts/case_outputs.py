@@ -169,6 +169,9 @@ class RegistrationWriter:
         header_only: also write ``registered_header_only.nii.gz`` (:func:`scripts.image_io.header_moved`).
     """
 
+    #: the columns of ``summary.csv`` (a subclass may add its own, filled from the iteration output)
+    summary_columns = SUMMARY_COLUMNS
+
     def __init__(
         self,
         output_dir: str,
@@ -262,7 +265,7 @@ class RegistrationWriter:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        row = {key: output.get(key, "") for key in SUMMARY_COLUMNS}
+        row = {key: output.get(key, "") for key in self.summary_columns}
         if output["status"] == "skipped":
             row = self.rows.get(output["name"], row)
         elif output["status"] == "ok":
@@ -393,7 +396,7 @@ class RegistrationWriter:
 
         def write(path: str, rows) -> None:
             with open(path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+                writer = csv.DictWriter(handle, fieldnames=self.summary_columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
 

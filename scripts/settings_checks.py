@@ -161,6 +161,7 @@ def check_inference_settings(
     network_channels: Sequence[int] = (24, 48, 128, 256),
     device="cpu",
     argv: Sequence[str] | None = None,
+    needs_fixed_image: bool = True,
 ) -> None:
     """Check, before any work starts, what would otherwise fail late; exits (:func:`fail`, code 2) with one line on
     the first problem.
@@ -169,7 +170,8 @@ def check_inference_settings(
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
     ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``, network
     and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
-    ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows); the
+    ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows;
+    ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed image is the template it makes); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
     ``ckpt_path`` is the file it lists and ``hash_val`` is set, and, given ``network``, loadable into it).
 
@@ -180,7 +182,9 @@ def check_inference_settings(
     problem = unknown_setting(argv)
     if problem:
         fail(problem)
-    paths = {"dataset_dir": dataset_dir, "output_dir": output_dir, "fixed_image": fixed_image, "ckpt_path": ckpt_path}
+    paths = {"dataset_dir": dataset_dir, "output_dir": output_dir, "ckpt_path": ckpt_path}
+    if needs_fixed_image:
+        paths["fixed_image"] = fixed_image
     optional_paths = {"pairs_csv": pairs_csv, "mask_dir": mask_dir, "apply_to": apply_to, "bundle_root": bundle_root}
     paths.update({name: value for name, value in optional_paths.items() if optional(value) is not None})
     for name, value in paths.items():
@@ -239,7 +243,7 @@ def check_inference_settings(
             RegistrationDataset._folder(dataset_dir, fixed_image, apply_to)
     except KeyMorphInputError as error:
         fail(str(error))
-    if not pairs_csv:
+    if not pairs_csv and needs_fixed_image:
         try:
             load_volume(fixed_image)
         except KeyMorphInputError as error:

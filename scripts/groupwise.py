@@ -1,0 +1,522 @@
+"""Groupwise registration: every image of a folder registered to the group's own mean space, and a template.
+
+``configs/groupwise.yaml`` (an overlay on ``configs/inference.yaml``) runs :func:`run_groupwise`, in three passes
+over the folder, keeping between them only each image's keypoints and a few numbers, never an image, so the memory
+does not grow with the folder:
+
+1. **Keypoints** (:meth:`GroupwiseRegistration.collect`): each image is preprocessed as inference does it (read,
+   RAS, brain mask, [0, 1] intensities, the network grid on the brain) and the keypoint network gives its keypoints
+   in world millimetres (RAS), with ``search_turns`` also those of its grid turned by 180 degrees about each axis
+   (:data:`scripts.registration.GRID_TURNS`). Kept per image: the keypoints ``(T, K, 3)``, the eight corners of
+   its brain's bounding box (world mm) and the QC scores of the moving image alone (``brain_fill``,
+   ``smoothness``).
+2. **Group space and template** (:func:`fit_group`, :meth:`GroupwiseRegistration.build_template`): the mean keypoint
+   configuration by generalised Procrustes analysis with the chosen aligner (:func:`generalised_procrustes`), each
+   image's transform from the group space to the image (the bundle's FIXED-to-MOVING direction, the group space
+   being the fixed one: :mod:`scripts.coordinates`), then the mean of the registered images (each scaled to [0, 1]
+   as the network sees it) and of their brain masks on a grid covering every brain mapped into the group space:
+   ``template.nii.gz`` and ``template_mask.nii.gz`` (the fraction of brains covering each voxel).
+3. **Per-case outputs** (:class:`GroupwiseEvaluator` with :class:`GroupwiseWriter`): the usual case folders
+   (``registered.nii.gz`` on the template grid, the transform files with the template as the fixed image,
+   keypoints, QC figures, provenance) and ``summary.csv``, through the inference writer. The template has to
+   exist before this pass: each case's QC similarity and ``qc.png`` compare it with the template.
+
+Images that cannot be read or preprocessed get an ``error`` row and are left out; the others are processed and the
+run exits with code 1. Images that are ``suspect`` before the template exists (keypoint residual to the group mean
+above ``qc_max_residual_mm``, or the moving image's own QC: brain mask filling the image, noise) are excluded from
+the mean, the group space and the template: :func:`fit_group` drops the worst one and fits again until none is
+left. They are still registered to the group space; ``summary.csv`` says ``in_template`` = ``no`` and why. A case
+flagged only by its similarity to the template (measured in pass 3, after the template is made) is ``suspect``
+but was part of the mean; its ``in_template`` says ``yes``.
+
+The group space is pinned as follows (an affine mean could otherwise drift or shrink from one iteration to the
+next): its orientation is the first included image's (the starting mean), its centroid and size (RMS distance of
+the keypoints from their centroid) are the averages of the included images' keypoint centroids and sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, fit_residual
+from scripts.case_outputs import SUMMARY_COLUMNS, RegistrationWriter, source_path
+from scripts.cli import as_bool, optional
+from scripts.coordinates import affine_of, apply_affine, grid_around, resample_onto, turned
+from scripts.errors import KeyMorphInputError, fail, workflow_step
+from scripts.inference import RegistrationEvaluator, run_registration
+from scripts.qc import QC_THRESHOLDS, qc_flags
+from scripts.registration import GRID_TURNS, Registration, keypoints_world
+from scripts.settings_checks import _number_problem
+from scripts.transform_io import write_atomically
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_FILE = "template.nii.gz"
+TEMPLATE_MASK_FILE = "template_mask.nii.gz"
+#: summary.csv of a groupwise run: the inference columns and whether the case is part of the mean.
+GROUPWISE_SUMMARY_COLUMNS = [*SUMMARY_COLUMNS, "in_template"]
+
+
+# --- the maths: generalised Procrustes analysis on keypoints ----------------------------------------------------
+
+
+def centroid_and_size(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids ``(..., 3)`` and sizes ``(...)`` (RMS distance from the centroid, mm) of point sets ``(..., K, 3)``."""
+    centroid = points.mean(-2)
+    size = (points - centroid[..., None, :]).pow(2).sum(-1).mean(-1).sqrt()
+    return centroid, size
+
+
+def with_centroid_and_size(points: torch.Tensor, centroid: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """The point set ``(K, 3)`` moved and scaled about its centroid to have this ``centroid`` ``(3,)`` and ``size``."""
+    own_centroid, own_size = centroid_and_size(points)
+    return (points - own_centroid) * (size / own_size.clamp(min=1e-12)) + centroid
+
+
+def fit_to_mean(mean: torch.Tensor, points: torch.Tensor, aligner: str) -> torch.Tensor:
+    """Each image's group-to-image transform ``(N, 4, 4)`` float64: ``aligner``'s closed-form fit of the mean
+    keypoints ``(K, 3)`` (source: the group space is the fixed one) onto the image's keypoints ``(N, K, 3)``
+    (target), as inference fits fixed keypoints onto moving ones."""
+    source = mean.to(torch.float64).expand(len(points), -1, -1)
+    return ALIGNERS[aligner](source, points.to(torch.float64)).matrix
+
+
+def residuals(fixed_to_moving: torch.Tensor, mean: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """RMS distance ``(N,)`` in image mm between the mapped mean keypoints and each image's keypoints: the keypoint
+    residual of :mod:`scripts.qc`."""
+    return fit_residual(fixed_to_moving, mean.to(torch.float64).expand(len(points), -1, -1), points)
+
+
+def generalised_procrustes(
+    points: torch.Tensor, aligner: str = "affine", tolerance_mm: float = 0.01, max_iterations: int = 20
+) -> tuple[torch.Tensor, int]:
+    """The mean keypoint configuration of a group by generalised Procrustes analysis.
+
+    Starting from the first image's keypoints, each iteration fits every image's keypoints to the current mean
+    (:func:`fit_to_mean`), maps them into the group space (the inverse of that 4x4 fit: a matrix of keypoints, never
+    an image), averages them and gives the average the group's centroid and size (the averages of the images' own,
+    see the module docstring), until no mean keypoint moves by ``tolerance_mm`` or more, or ``max_iterations``.
+
+    Args:
+        points: ``(N, K, 3)`` keypoints of N images in world mm (row k of each image is keypoint k).
+        aligner: "affine", "similarity" or "rigid".
+
+    Returns:
+        The mean ``(K, 3)`` float64 in group-space mm, and the number of iterations made.
+    """
+    if aligner not in MATRIX_ALIGNERS:
+        raise ValueError(
+            f"groupwise registration needs one of the aligners {', '.join(MATRIX_ALIGNERS)}, not {aligner}"
+        )
+    points = points.to(torch.float64)
+    centroids, sizes = centroid_and_size(points)
+    centroid, size = centroids.mean(0), sizes.mean()
+    mean = with_centroid_and_size(points[0], centroid, size)
+    iteration = 0
+    for iteration in range(1, max_iterations + 1):
+        to_group = torch.linalg.inv(fit_to_mean(mean, points, aligner))
+        updated = with_centroid_and_size(apply_affine(to_group, points).mean(0), centroid, size)
+        change = float((updated - mean).norm(dim=-1).max())
+        mean = updated
+        if change < tolerance_mm:
+            break
+    return mean, iteration
+
+
+@dataclass
+class GroupFit:
+    """The group space of :func:`fit_group`.
+
+    Attributes:
+        mean: ``(K, 3)`` mean keypoints in group-space mm.
+        fixed_to_moving: ``(N, 4, 4)`` float64 group-to-image world matrices (every image, included or not).
+        residual: ``(N,)`` keypoint residuals in mm (:func:`residuals`).
+        included: ``(N,)`` bool, part of the mean.
+        turns: ``(N,)`` index of the keypoint set used per image (into :data:`scripts.registration.GRID_TURNS`).
+        iterations: of the last Procrustes fit.
+    """
+
+    mean: torch.Tensor
+    fixed_to_moving: torch.Tensor
+    residual: torch.Tensor
+    included: torch.Tensor
+    turns: torch.Tensor
+    iterations: int
+
+
+def fit_group(
+    candidates: torch.Tensor,
+    aligner: str = "affine",
+    max_residual_mm: float = QC_THRESHOLDS["max_residual_mm"],
+    excluded: torch.Tensor | None = None,
+    turn_search_above_mm: float = 0.0,
+    tolerance_mm: float = 0.01,
+    max_iterations: int = 20,
+) -> GroupFit:
+    """The group space of keypoint sets, with outliers left out of the mean.
+
+    Args:
+        candidates: ``(N, T, K, 3)`` keypoints of N images in world mm, T candidate sets per image (the grid turns of
+            the turn search; T = 1 without it). The first set of each image is used unless the turn search changes
+            it.
+        aligner: "affine", "similarity" or "rigid".
+        max_residual_mm: an image whose keypoint residual to the mean exceeds it is excluded from the mean, the worst
+            first, refitting after each, until every included image is within it.
+        excluded: ``(N,)`` bool, images left out of the mean from the start (QC flags of the image itself).
+        turn_search_above_mm: with T > 1, an image whose residual exceeds it takes the candidate set with the
+            smallest residual to the mean, and the group is fitted again.
+        tolerance_mm, max_iterations: of :func:`generalised_procrustes`.
+
+    If every image would be excluded, the mean is made of all of them (a warning says so) rather than of none.
+    """
+    count = len(candidates)
+    candidates = candidates.to(torch.float64)
+    excluded = torch.zeros(count, dtype=torch.bool) if excluded is None else excluded.clone()
+    if bool(excluded.all()):
+        logger.warning("every image of the group is suspect; the group mean is made of all of them")
+        excluded[:] = False
+    included, turns = ~excluded, torch.zeros(count, dtype=torch.long)
+    everyone = torch.arange(count)
+    # each round either changes a turn (strictly better residual) or excludes one image: a few rounds in practice
+    for _ in range(2 * count + 2):
+        points = candidates[everyone, turns]
+        mean, iterations = generalised_procrustes(points[included], aligner, tolerance_mm, max_iterations)
+        fixed_to_moving = fit_to_mean(mean, points, aligner)
+        residual = residuals(fixed_to_moving, mean, points)
+        if candidates.shape[1] > 1 and bool((residual > turn_search_above_mm).any()):
+            per_turn = torch.stack(
+                [
+                    residuals(fit_to_mean(mean, candidates[:, t], aligner), mean, candidates[:, t])
+                    for t in range(len(candidates[0]))
+                ],
+                dim=1,
+            )
+            best = per_turn.argmin(1)
+            better = (residual > turn_search_above_mm) & (per_turn[everyone, best] < residual - 1e-9)
+            if bool(better.any()):
+                turns = torch.where(better, best, turns)
+                continue
+        worst = torch.where(included, residual, torch.full_like(residual, -1.0)).argmax()
+        if residual[worst] <= max_residual_mm or int(included.sum()) == 1:
+            break
+        included[worst] = False
+    return GroupFit(mean, fixed_to_moving, residual, included, turns, iterations)
+
+
+def pairwise_consistency_mm(
+    fixed_to_moving: torch.Tensor, true_fixed_to_moving: torch.Tensor, points: torch.Tensor
+) -> float:
+    """How far a recovered group space is from the true one up to one global transform, in mm.
+
+    For every ordered pair of images (i, j), the recovered map from image i to image j (``T_j T_i^-1``) is compared
+    with the true one (``G_j G_i^-1``) at the points ``G_i p`` (``points`` ``(M, 3)`` in the true group space mapped
+    into image i); a global transform of the group space cancels in both. Returns the mean over the pairs of the RMS
+    distance (mm).
+
+    Args:
+        fixed_to_moving: ``(N, 4, 4)`` recovered group-to-image matrices.
+        true_fixed_to_moving: ``(N, 4, 4)`` true ones.
+        points: ``(M, 3)`` world mm of the true group space where the maps are compared (e.g. the keypoints or a
+            brain's voxels).
+    """
+    recovered, truth = fixed_to_moving.to(torch.float64), true_fixed_to_moving.to(torch.float64)
+    points = points.to(torch.float64)
+    errors = []
+    for i in range(len(truth)):
+        in_image = apply_affine(truth[i], points)
+        for j in range(len(truth)):
+            if i != j:
+                image_to_image = recovered[j] @ torch.linalg.inv(recovered[i])
+                error = apply_affine(image_to_image, in_image) - apply_affine(truth[j], points)
+                errors.append(error.pow(2).sum(-1).mean().sqrt())
+    return float(torch.stack(errors).mean()) if errors else 0.0
+
+
+@workflow_step
+def check_groupwise_settings(pairs_csv, template_spacing, template_margin_mm, tolerance_mm, max_iterations) -> None:
+    """The settings only a groupwise run has, checked before any work; exits (:func:`fail`, code 2) with one line."""
+    if optional(pairs_csv) is not None:
+        fail(f"--pairs_csv {pairs_csv}: a groupwise run registers a folder (--dataset_dir) to its own mean, not pairs")
+    problem = (
+        _number_problem("template_spacing", template_spacing)
+        or _number_problem("template_margin_mm", template_margin_mm, 0)
+        or _number_problem("procrustes_tolerance_mm", tolerance_mm)
+        or _number_problem("procrustes_max_iterations", max_iterations, 1, integer=True)
+    )
+    if problem:
+        fail(problem)
+    for name, value in (("template_spacing", template_spacing), ("procrustes_tolerance_mm", tolerance_mm)):
+        if not value > 0:
+            fail(f"--{name} {value!r}: must be positive (mm)")
+
+
+# --- pass 1: keypoints; pass 2: the template -------------------------------------------------------------------
+
+
+@dataclass
+class GroupMember:
+    """What pass 1 keeps of an image: ``keypoints`` ``(T, K, 3)`` world mm (one set per grid turn tried),
+    ``brain_corners`` ``(8, 3)`` world mm (its brain mask's bounding box) and the QC scores of the image alone."""
+
+    name: str
+    keypoints: torch.Tensor
+    brain_corners: torch.Tensor
+    scores: dict = field(default_factory=dict)
+
+
+def brain_corners(mask) -> torch.Tensor:
+    """The eight world corners ``(8, 3)`` (mm) of the bounding box of a brain mask ``(1, D, H, W)`` MetaTensor's
+    voxels > 0.5 (of the whole grid when the mask is empty)."""
+    voxels = torch.nonzero(torch.as_tensor(mask)[0] > 0.5)
+    if len(voxels) == 0:
+        low, high = torch.zeros(3), torch.tensor(mask.shape[1:], dtype=torch.float64) - 1
+    else:
+        low, high = voxels.min(0).values, voxels.max(0).values
+    corners = torch.tensor(
+        [[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])],
+        dtype=torch.float64,
+    )
+    return apply_affine(affine_of(mask), corners)
+
+
+class GroupwiseRegistration:
+    """The groupwise run of ``configs/groupwise.yaml`` (see the module docstring): :meth:`run`.
+
+    Args:
+        dataloader: the inference dataloader (its dataset preprocesses each image as inference does; items carry
+            ``image`` on the network grid, ``original``, ``native_mask``, ``brain_fill``, ``smoothness``).
+        network: the keypoint network (weights loaded).
+        evaluator: a :class:`GroupwiseEvaluator` writing the per-case outputs (pass 3).
+        intensity_scaling: a dictionary transform on ``image`` (the inference one: [0, 1] by percentiles) applied to
+            each original image before it is averaged into the template.
+        output_dir: OUT_DIR; the template files are written there.
+        aligner: "affine", "similarity" or "rigid".
+        search_turns, turn_search_above_mm: as for inference (here: four keypoint sets per image in pass 1, and the
+            set kept is the one that fits the group mean best, see :func:`fit_group`).
+        qc_thresholds: ``max_residual_mm``, ``max_brain_fill``, ``min_smoothness`` (the similarity needs the
+            template and is only scored in pass 3).
+        template_spacing: mm of the template grid; template_margin_mm: room around the mapped brains.
+        tolerance_mm, max_iterations: of the Procrustes fit.
+    """
+
+    def __init__(
+        self,
+        dataloader,
+        network,
+        evaluator,
+        intensity_scaling,
+        output_dir: str,
+        device="cpu",
+        aligner: str = "affine",
+        search_turns=True,
+        turn_search_above_mm: float = 0.0,
+        qc_thresholds: dict | None = None,
+        template_spacing: float = 1.0,
+        template_margin_mm: float = 10.0,
+        tolerance_mm: float = 0.01,
+        max_iterations: int = 20,
+    ):
+        if aligner not in MATRIX_ALIGNERS:
+            raise KeyMorphInputError(f"--aligner {aligner!r}: groupwise needs one of {', '.join(MATRIX_ALIGNERS)}")
+        self.dataloader, self.network, self.evaluator = dataloader, network, evaluator
+        self.intensity_scaling, self.output_dir, self.device = intensity_scaling, output_dir, torch.device(device)
+        self.aligner, self.search_turns = aligner, as_bool(search_turns, "search_turns")
+        self.turn_search_above_mm = float(turn_search_above_mm)
+        self.thresholds = {**QC_THRESHOLDS, **{k: float(v) for k, v in (qc_thresholds or {}).items()}}
+        self.template_spacing, self.template_margin_mm = float(template_spacing), float(template_margin_mm)
+        self.tolerance_mm, self.max_iterations = float(tolerance_mm), int(max_iterations)
+
+    @property
+    def template_path(self) -> str:
+        return os.path.join(self.output_dir, TEMPLATE_FILE)
+
+    @property
+    def template_mask_path(self) -> str:
+        return os.path.join(self.output_dir, TEMPLATE_MASK_FILE)
+
+    def _items(self):
+        """The preprocessed items, one at a time (failed ones carry ``error``, unread ones ``skipped``)."""
+        for batch in self.dataloader:
+            yield batch[0]
+
+    def keypoints(self, image) -> torch.Tensor:
+        """``(T, K, 3)`` world-mm keypoints of a network-grid image ``(1, D, H, W)`` MetaTensor: as it is and, with
+        the turn search, on its grid turned about each pair of axes (one detector pass over the T grids)."""
+        data = image.as_tensor()[None].to(self.device)
+        affine = affine_of(image)[None].to(self.device)
+        grids = [turned(data, affine, axes) for axes in (GRID_TURNS if self.search_turns else GRID_TURNS[:1])]
+        self.network.eval()
+        with torch.no_grad():
+            points = keypoints_world(self.network, torch.cat([g for g, _ in grids]), torch.cat([a for _, a in grids]))
+        return points.cpu()
+
+    def collect(self) -> list[GroupMember]:
+        """Pass 1: the :class:`GroupMember` of every image that could be preprocessed and detected."""
+        members = []
+        for item in self._items():
+            if item.get("skipped") or "error" in item:
+                continue
+            try:
+                points = self.keypoints(item["image"])
+            except Exception:  # pass 3 meets the same image again and gives it its error row
+                logger.debug("keypoints of %s failed", source_path(item), exc_info=True)
+                continue
+            scores = {
+                "brain_fill": float(item.get("brain_fill", "nan")),
+                "smoothness": float(item.get("smoothness", "nan")),
+            }
+            members.append(GroupMember(item["name"], points, brain_corners(item["native_mask"]), scores))
+        return members
+
+    def fit(self, members: list[GroupMember]) -> GroupFit:
+        """The group space of the members, leaving out of the mean the images QC flags on their own."""
+        flagged = torch.tensor([bool(qc_flags(m.scores, self.thresholds)) for m in members])
+        return fit_group(
+            torch.stack([m.keypoints for m in members]),
+            self.aligner,
+            self.thresholds["max_residual_mm"],
+            flagged,
+            self.turn_search_above_mm,
+            self.tolerance_mm,
+            self.max_iterations,
+        )
+
+    def template_grid(self, members: list[GroupMember], group: GroupFit) -> tuple[torch.Tensor, list[int]]:
+        """The template grid: world-aligned, ``template_spacing`` mm, holding every included brain's bounding box
+        mapped into the group space, with ``template_margin_mm`` around."""
+        to_group = torch.linalg.inv(group.fixed_to_moving[group.included])
+        corners = torch.stack([m.brain_corners for m, keep in zip(members, group.included) if keep])
+        mapped = apply_affine(to_group, corners).reshape(-1, 3)
+        return grid_around(mapped, self.template_spacing, margin_mm=self.template_margin_mm)
+
+    def build_template(self, members: list[GroupMember], group: GroupFit) -> None:
+        """Pass 2: write the mean of the included registered images (each scaled to [0, 1]) and of their brain
+        masks on :meth:`template_grid`: ``template.nii.gz`` and ``template_mask.nii.gz`` (float32)."""
+        affine, shape = self.template_grid(members, group)
+        index = {m.name: i for i, m in enumerate(members)}
+        image_sum, mask_sum = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        for item in self._items():
+            number = index.get(item["name"]) if "error" not in item and not item.get("skipped") else None
+            if number is None or not bool(group.included[number]):
+                continue
+            matrix = group.fixed_to_moving[number]
+            original = self.intensity_scaling({"image": item["original"]})["image"]
+            image_sum += resample_onto(original.as_tensor().float(), affine_of(original), affine, shape, matrix)[0]
+            mask = item["native_mask"]
+            mask_sum += resample_onto(mask.as_tensor().float(), affine_of(mask), affine, shape, matrix)[0]
+        count = max(int(group.included.sum()), 1)
+        for path, total in ((self.template_path, image_sum), (self.template_mask_path, mask_sum)):
+            image = nib.Nifti1Image((total / count).numpy().astype(np.float32), affine.numpy())
+            image.set_qform(affine.numpy(), 1)
+            image.set_sform(affine.numpy(), 1)
+            image.header.set_xyzt_units("mm")
+            write_atomically(path, lambda p, img=image: nib.save(img, p))
+
+    def run(self) -> None:
+        """The three passes (see the module docstring); the exit code is that of :func:`run_registration`."""
+        members = self.collect()
+        if members:
+            group = self.fit(members)
+            logger.info(
+                f"group space: {int(group.included.sum())} of {len(members)} image(s) in the mean"
+                f" ({group.iterations} Procrustes iteration(s), aligner {self.aligner})"
+            )
+            self.build_template(members, group)
+            self.evaluator.group = {
+                m.name: GroupCase(
+                    group.fixed_to_moving[i],
+                    group.mean,
+                    m.keypoints[int(group.turns[i])],
+                    float(group.residual[i]),
+                    bool(group.included[i]),
+                )
+                for i, m in enumerate(members)
+            }
+        run_registration(self.evaluator)
+
+
+@workflow_step
+def run_groupwise(registration: GroupwiseRegistration, lock) -> None:
+    """Run :class:`GroupwiseRegistration` holding the output folder's lock from the first pass on (``lock``: the
+    writer's :class:`scripts.output_folder.RunLock`, which the writer releases at the end); one line on a bad input
+    folder or a taken output folder."""
+    try:
+        lock.acquire()
+    except KeyMorphInputError as error:
+        fail(str(error))
+    try:
+        registration.run()
+    finally:
+        lock.release()
+
+
+# --- pass 3: the per-case outputs ------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupCase:
+    """One image's place in the group: its group-to-image ``fixed_to_moving`` ``(4, 4)``, the group ``mean``
+    ``(K, 3)`` and its ``keypoints`` ``(K, 3)`` (world mm), the keypoint ``residual`` (mm) and ``in_template``."""
+
+    fixed_to_moving: torch.Tensor
+    mean: torch.Tensor
+    keypoints: torch.Tensor
+    residual: float
+    in_template: bool
+
+    def registration(self) -> Registration:
+        return Registration(
+            self.fixed_to_moving[None], self.mean[None], self.keypoints[None], torch.tensor([self.residual])
+        )
+
+
+class GroupwiseEvaluator(RegistrationEvaluator):
+    """The inference evaluator with the group's transforms instead of a fit per pair: the fixed image of every
+    case is the template, and each case's registration is its :class:`GroupCase` (``group``, set by
+    :class:`GroupwiseRegistration` before the run). Outputs carry ``in_template`` ("yes"/"no") for the summary; a
+    case left out of the mean says why in its message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group: dict[str, GroupCase] = {}
+
+    def _iteration(self, engine, batchdata):
+        item = batchdata[0]
+        case = self.group.get(item["name"])
+        if item.get("skipped") or "error" in item:
+            return {**super()._iteration(engine, batchdata), "in_template": "no"}
+        if case is None:
+            message = f"{source_path(item)}: no keypoints were found for it in the first pass; not registered"
+            return {"name": item["name"], "status": "error", "message": message, "seconds": 0.0, "in_template": "no"}
+        start = time.perf_counter() - item.get("seconds", 0.0)
+        try:
+            fixed = self.fixed(item["fixed"])
+        except Exception as error:
+            return {"name": item["name"], "status": "error", "message": str(error), "seconds": 0.0, "in_template": "no"}
+        if not case.in_template:
+            note = "not in the template (excluded from the group mean: suspect before the template was made)"
+            item = {**item, "notes": [*item.get("notes", []), note]}
+        return {
+            "name": item["name"],
+            "status": "ok",
+            "message": "",
+            "seconds": 0.0,
+            "registration": case.registration(),
+            "fixed": fixed,
+            "moving": item,
+            "start": start,
+            "in_template": "yes" if case.in_template else "no",
+        }
+
+
+class GroupwiseWriter(RegistrationWriter):
+    """The inference writer with the ``in_template`` column in ``summary.csv``."""
+
+    summary_columns = GROUPWISE_SUMMARY_COLUMNS
