@@ -49,7 +49,7 @@ from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, fit_residual
 from scripts.case_outputs import SUMMARY_COLUMNS, RegistrationWriter, source_path
 from scripts.cli import as_bool, optional
 from scripts.coordinates import affine_of, apply_affine, grid_around, resample_onto, turned
-from scripts.errors import KeyMorphInputError, fail, workflow_step
+from scripts.errors import KeyMorphInputError, fail, message_naming, workflow_step
 from scripts.inference import RegistrationEvaluator, run_registration
 from scripts.qc import QC_THRESHOLDS, qc_flags
 from scripts.registration import GRID_TURNS, Registration, keypoints_world
@@ -174,7 +174,8 @@ def fit_group(
             smallest residual to the mean, and the group is fitted again.
         tolerance_mm, max_iterations: of :func:`generalised_procrustes`.
 
-    If every image would be excluded, the mean is made of all of them (a warning says so) rather than of none.
+    If every image is excluded from the start, the mean is made of all of them (a warning says so) rather than of
+    none; the residual never excludes the last image left.
     """
     count = len(candidates)
     candidates = candidates.to(torch.float64)
@@ -365,8 +366,9 @@ class GroupwiseRegistration:
                 continue
             try:
                 points = self.keypoints(item["image"])
-            except Exception:  # pass 3 meets the same image again and gives it its error row
+            except Exception as error:  # pass 3 gives the image its error row
                 logger.debug("keypoints of %s failed", source_path(item), exc_info=True)
+                self.evaluator.failures[item["name"]] = message_naming(error, source_path(item))
                 continue
             scores = {
                 "brain_fill": float(item.get("brain_fill", "nan")),
@@ -486,6 +488,7 @@ class GroupwiseEvaluator(RegistrationEvaluator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group: dict[str, GroupCase] = {}
+        self.failures: dict[str, str] = {}  # why pass 1 found no keypoints, by case name
 
     def _iteration(self, engine, batchdata):
         item = batchdata[0]
@@ -493,7 +496,7 @@ class GroupwiseEvaluator(RegistrationEvaluator):
         if item.get("skipped") or "error" in item:
             return {**super()._iteration(engine, batchdata), "in_template": "no"}
         if case is None:
-            message = f"{source_path(item)}: no keypoints were found for it in the first pass; not registered"
+            message = self.failures.get(item["name"], f"{source_path(item)}: no keypoints in the first pass")
             return {"name": item["name"], "status": "error", "message": message, "seconds": 0.0, "in_template": "no"}
         start = time.perf_counter() - item.get("seconds", 0.0)
         try:

@@ -19,10 +19,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_inference import OUTPUT_FILES, ROOT, SMALL_NETWORK, rigid, write_checkpoint, write_moving
+from test_inference import OUTPUT_FILES, ROOT, SMALL_NETWORK, rigid, write_checkpoint, write_moving, write_nifti
 
 from scripts.coordinates import apply_affine
-from scripts.groupwise import centroid_and_size, fit_group, generalised_procrustes, pairwise_consistency_mm
+from scripts.errors import KeyMorphWorkflowError
+from scripts.groupwise import (
+    centroid_and_size,
+    check_groupwise_settings,
+    fit_group,
+    generalised_procrustes,
+    pairwise_consistency_mm,
+)
 from scripts.transform_io import read_itk_transform
 
 ALIGNERS = ("affine", "similarity", "rigid")
@@ -158,8 +165,8 @@ def run_groupwise(*arguments: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def groupwise_run(tmp_path_factory):
-    """Three phantoms moved rigidly and one file that is not an image, registered groupwise with a small random
-    network (every image kept in the mean: the random keypoints' residuals mean nothing)."""
+    """Three phantoms moved rigidly, an image of noise and a file that is not an image, registered groupwise with a
+    small random network (no residual threshold: the random keypoints' residuals mean nothing)."""
     root = tmp_path_factory.mktemp("groupwise")
     (root / "in").mkdir()
     moves = {
@@ -170,6 +177,9 @@ def groupwise_run(tmp_path_factory):
     for name, move in moves.items():
         write_moving(root / "in" / f"{name}.nii.gz", move)
     (root / "in" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    # positive white noise: QC flags it on its own (no brain: the "mask" fills the image, no smoothness)
+    noise = np.random.RandomState(0).uniform(0.1, 1.0, (30, 30, 30)).astype(np.float32)
+    write_nifti(root / "in" / "noise.nii.gz", noise, np.diag([2.0, 2.0, 2.0, 1.0]))
     output = root / "out"
     process = run_groupwise(
         "--dataset_dir",
@@ -191,15 +201,23 @@ def groupwise_run(tmp_path_factory):
     return {"process": process, "output": output, "root": root}
 
 
+def test_a_groupwise_run_refuses_a_pairs_csv():
+    with pytest.raises(KeyMorphWorkflowError, match="--pairs_csv pairs.csv: a groupwise run registers a folder"):
+        check_groupwise_settings("pairs.csv", 1.0, 10.0, 0.01, 20)
+    with pytest.raises(KeyMorphWorkflowError, match="--template_spacing 0: must be positive"):
+        check_groupwise_settings(None, 0, 10.0, 0.01, 20)
+    check_groupwise_settings("null", 1.5, 0, 0.01, 1)  # passes
+
+
 def test_a_bad_file_fails_alone_and_the_run_exits_1(groupwise_run):
     process = groupwise_run["process"]
     assert process.returncode == 1, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
-    assert "1 of 4 input(s) failed" in process.stderr
+    assert "1 of 5 input(s) failed" in process.stderr
 
 
 def test_every_case_gets_the_inference_outputs(groupwise_run):
-    for name in "abc":
+    for name in ("a", "b", "c", "noise"):
         folder = groupwise_run["output"] / name
         assert sorted(os.listdir(folder)) == sorted(OUTPUT_FILES)
     assert not (groupwise_run["output"] / "broken").exists()
@@ -217,17 +235,27 @@ def test_the_template_covers_the_group_on_its_own_grid(groupwise_run):
     # the registered images are on the template grid, and the template is their mean (each scaled to [0, 1])
     registered = [nib.load(str(output / n / "registered.nii.gz")) for n in "abc"]
     assert all(np.allclose(r.affine, template.affine) and r.shape == template.shape for r in registered)
+    scaled = []
+    for name, image in zip("abc", registered):
+        original = np.asarray(nib.load(str(groupwise_run["root"] / "in" / f"{name}.nii.gz")).dataobj)
+        low, high = np.percentile(original, [0.5, 99.5])
+        scaled.append(np.clip((np.asarray(image.dataobj) - low) / (high - low), 0, 1))
+    # the noise image is not in it; clipping before or after resampling differs a little at the brightest voxels
+    assert np.abs(np.mean(scaled, axis=0) - values).mean() < 0.01
 
 
 def test_the_summary_has_one_row_per_input_and_says_who_is_in_the_template(groupwise_run):
     with open(groupwise_run["output"] / "summary.csv", newline="") as handle:
         rows = {row["name"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"a", "b", "c", "broken"}
+    assert set(rows) == {"a", "b", "c", "noise", "broken"}
     assert rows["broken"]["status"] == "error" and rows["broken"]["in_template"] == "no"
     assert "broken.nii.gz" in rows["broken"]["message"]
     for name in "abc":
         assert rows[name]["status"] in ("ok", "suspect") and rows[name]["in_template"] == "yes"
         assert math.isfinite(float(rows[name]["keypoint_residual_mm"]))
+    # suspect on its own QC: registered to the group space, but not part of the mean, and its row says so
+    assert rows["noise"]["status"] == "suspect" and rows["noise"]["in_template"] == "no"
+    assert "not in the template" in rows["noise"]["message"] and "brain mask fills" in rows["noise"]["message"]
 
 
 def test_the_transforms_map_the_template_grid_into_each_image(groupwise_run):
