@@ -17,7 +17,8 @@ the recovered image-to-image maps ``T_j T_i^-1`` are from the true ``G_j G_i^-1`
 voxels of the first image's label map and over all ordered pairs; a global transform of the shared space cancels)
 and the label Dice in the shared space (the registered label maps, nearest neighbour, mean Dice over the FreeSurfer
 brain structures, averaged over all pairs of images). Writes ``groupwise_consistency.json`` and prints a table.
-Takes a few minutes per method on a CPU (three seeds: nine images); the data are made once and kept.
+Takes a few minutes per method on a CPU (three seeds: nine images). ``--score_only`` scores the outputs of an
+earlier run again without registering anything.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import subprocess
 import sys
 
 import nibabel as nib
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the bundle root, for `scripts`
 
 from scripts.coordinates import apply_affine  # noqa: E402
+from scripts.datalists import TRANSFORMS_CSV, read_transforms_csv  # noqa: E402
 from scripts.groupwise import pairwise_consistency_mm  # noqa: E402
 from scripts.image_io import load_volume  # noqa: E402
 from scripts.make_test_set import make_test_set  # noqa: E402
@@ -85,11 +88,22 @@ def recovered_transforms(output_dir: str, names: list[str]) -> torch.Tensor:
 def pairwise_dice(output_dir: str, names: list[str]) -> float:
     """Mean Dice over all pairs of the registered label maps (one grid: the shared space)."""
     labels = {
-        n: torch.as_tensor(nib.load(os.path.join(output_dir, n, f"registered_{n}_seg.nii.gz")).dataobj)[None, None]
+        n: torch.from_numpy(np.asarray(nib.load(os.path.join(output_dir, n, f"registered_{n}_seg.nii.gz")).dataobj))[
+            None, None
+        ]
         for n in names
     }
     scores = [float(mean_dice(labels[a], labels[b])[0]) for a, b in itertools.combinations(names, 2)]
     return sum(scores) / len(scores)
+
+
+def register_both(common: list[str], groupwise_dir: str, member_dir: str, member_image: str) -> None:
+    """Register the folder groupwise, and to its first image (a usual folder run)."""
+    groupwise_configs = ["configs/inference.yaml", "configs/groupwise.yaml"]
+    run_bundle("groupwise", groupwise_configs, *common, "--output_dir", groupwise_dir)
+    run_bundle(
+        "inference", ["configs/inference.yaml"], *common, "--output_dir", member_dir, "--fixed_image", member_image
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,13 +114,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aligner", default="affine", choices=("affine", "similarity", "rigid"))
     parser.add_argument("--ckpt_path", default=os.path.join(ROOT, "models", "model.pt"))
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "groupwise_consistency"))
+    parser.add_argument(
+        "--score_only", action="store_true", help="score the outputs of an earlier run into --output_dir again"
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.label_maps_dir):
         raise SystemExit(f"{args.label_maps_dir}: label maps folder not found (--label_maps_dir)")
     data_dir = os.path.join(args.output_dir, "data")
-    truth = make_images(args.label_maps_dir, args.subject, args.seeds, data_dir)
-    names = list(truth)
     images_dir = os.path.join(data_dir, "images")
+    if args.score_only:
+        truth = {}
+        for seed in args.seeds:
+            for relative, matrix in sorted(
+                read_transforms_csv(os.path.join(data_dir, f"seed_{seed}", TRANSFORMS_CSV)).items()
+            ):
+                truth[f"s{seed}_{relative.split(os.sep)[0].split('-')[1]}"] = matrix
+    else:
+        truth = make_images(args.label_maps_dir, args.subject, args.seeds, data_dir)
+    names = list(truth)
     common = [
         "--dataset_dir",
         images_dir,
@@ -120,13 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         LABELS_PATTERN,
     ]
     groupwise_dir, member_dir = os.path.join(args.output_dir, "groupwise"), os.path.join(args.output_dir, "to_member")
-    run_bundle(
-        "groupwise", ["configs/inference.yaml", "configs/groupwise.yaml"], *common, "--output_dir", groupwise_dir
-    )
     member_image = os.path.join(images_dir, f"{names[0]}.nii.gz")
-    run_bundle(
-        "inference", ["configs/inference.yaml"], *common, "--output_dir", member_dir, "--fixed_image", member_image
-    )
+    if not args.score_only:
+        register_both(common, groupwise_dir, member_dir, member_image)
 
     true_transforms = torch.stack([truth[n] for n in names])
     # the truth's common world: the first image's brain voxels mapped back into it

@@ -7,8 +7,8 @@ does not grow with the folder:
 1. **Keypoints** (:meth:`GroupwiseRegistration.collect`): each image is preprocessed as inference does it (read,
    RAS, brain mask, [0, 1] intensities, the network grid on the brain) and the keypoint network gives its keypoints
    in world millimetres (RAS), with ``search_turns`` also those of its grid turned by 180 degrees about each axis
-   (:data:`scripts.registration.GRID_TURNS`). Kept per image: the keypoints ``(T, K, 3)``, the eight corners of
-   its brain's bounding box (world mm) and the QC scores of the moving image alone (``brain_fill``,
+   (:data:`scripts.registration.GRID_TURNS`). Kept per image: the keypoints ``(T, K, 3)``, an outline of its
+   brain (64 extreme points, world mm) and the QC scores of the moving image alone (``brain_fill``,
    ``smoothness``).
 2. **Group space and template** (:func:`fit_group`, :meth:`GroupwiseRegistration.build_template`): the mean keypoint
    configuration by generalised Procrustes analysis with the chosen aligner (:func:`generalised_procrustes`), each
@@ -16,7 +16,9 @@ does not grow with the folder:
    being the fixed one: :mod:`scripts.coordinates`), then the mean of the registered images (each scaled to [0, 1]
    as the network sees it) and of their brain masks on a grid covering every brain mapped into the group space:
    ``template.nii.gz`` and ``template_mask.nii.gz`` (the fraction of brains covering each voxel).
-3. **Per-case outputs** (:class:`GroupwiseEvaluator` with :class:`GroupwiseWriter`): the usual case folders
+3. **Per-case outputs** (:class:`GroupwiseEvaluator` with :class:`GroupwiseWriter`): each image's transform
+   refined against the template by mutual information, as inference refines a keypoint solution against its fixed
+   image (``refine_iterations``; 0 keeps the group's keypoint solution), and the usual case folders
    (``registered.nii.gz`` on the template grid, the transform files with the template as the fixed image,
    keypoints, QC figures, provenance) and ``summary.csv``, through the inference writer. The template has to
    exist before this pass: each case's QC similarity and ``qc.png`` compare it with the template.
@@ -37,6 +39,7 @@ the keypoints from their centroid) are the averages of the included images' keyp
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,14 +47,16 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, fit_residual
 from scripts.case_outputs import SUMMARY_COLUMNS, RegistrationWriter, source_path
 from scripts.cli import as_bool, optional
-from scripts.coordinates import affine_of, apply_affine, grid_around, resample_onto, turned
+from scripts.coordinates import affine_of, apply_affine, coarser_grid, grid_around, resample_onto, turned
 from scripts.errors import KeyMorphInputError, fail, message_naming, workflow_step
 from scripts.inference import RegistrationEvaluator, run_registration
 from scripts.qc import QC_THRESHOLDS, qc_flags
+from scripts.refinement import refine_affine
 from scripts.registration import GRID_TURNS, Registration, keypoints_world
 from scripts.settings_checks import _number_problem
 from scripts.transform_io import write_atomically
@@ -264,27 +269,44 @@ def check_groupwise_settings(pairs_csv, template_spacing, template_margin_mm, to
 @dataclass
 class GroupMember:
     """What pass 1 keeps of an image: ``keypoints`` ``(T, K, 3)`` world mm (one set per grid turn tried),
-    ``brain_corners`` ``(8, 3)`` world mm (its brain mask's bounding box) and the QC scores of the image alone."""
+    ``brain_outline`` ``(M, 3)`` world mm (:func:`brain_outline`) and the QC scores of the image alone."""
 
     name: str
     keypoints: torch.Tensor
-    brain_corners: torch.Tensor
+    brain_outline: torch.Tensor
     scores: dict = field(default_factory=dict)
 
 
-def brain_corners(mask) -> torch.Tensor:
-    """The eight world corners ``(8, 3)`` (mm) of the bounding box of a brain mask ``(1, D, H, W)`` MetaTensor's
-    voxels > 0.5 (of the whole grid when the mask is empty)."""
-    voxels = torch.nonzero(torch.as_tensor(mask)[0] > 0.5)
+def sphere_directions(count: int = 64) -> torch.Tensor:
+    """``(count, 3)`` unit vectors spread evenly over the sphere (a Fibonacci lattice)."""
+    index = torch.arange(count, dtype=torch.float64) + 0.5
+    height = 1 - 2 * index / count
+    angle = math.pi * (1 + math.sqrt(5)) * index
+    radius = (1 - height**2).sqrt()
+    return torch.stack([radius * angle.cos(), radius * angle.sin(), height], dim=1)
+
+
+def brain_outline(mask, directions: int = 64, max_voxels: int = 64**3) -> torch.Tensor:
+    """The brain's extreme points ``(directions, 3)`` (world mm) along directions spread over the sphere: a small
+    outline whose image under any affine map bounds the mapped brain to within a few mm (a bounding box's corners
+    would not: the box of a turned box grows), so the template grid holds the mapped brains without the brains.
+
+    Args:
+        mask: ``(1, D, H, W)`` MetaTensor, brain > 0.5 (empty: the whole grid).
+        max_voxels: the mask is max-pooled onto a grid of at most about this many voxels first (cells of up to a
+            few mm, which the template margin absorbs), so a 512^3 mask costs what a 64^3 one does.
+    """
+    brain = torch.as_tensor(mask)[0].float()
+    affine = affine_of(mask)
+    factor = max(1, math.ceil((brain.numel() / max_voxels) ** (1 / 3)))
+    if factor > 1:
+        brain = F.max_pool3d(brain[None, None], factor, ceil_mode=True)[0, 0]
+        affine = coarser_grid(affine, factor)
+    voxels = torch.nonzero(brain > 0.5).to(torch.float64)
     if len(voxels) == 0:
-        low, high = torch.zeros(3), torch.tensor(mask.shape[1:], dtype=torch.float64) - 1
-    else:
-        low, high = voxels.min(0).values, voxels.max(0).values
-    corners = torch.tensor(
-        [[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])],
-        dtype=torch.float64,
-    )
-    return apply_affine(affine_of(mask), corners)
+        voxels = torch.nonzero(torch.ones_like(brain, dtype=torch.bool)).to(torch.float64)
+    world = apply_affine(affine, voxels)
+    return world[(world @ sphere_directions(directions).T).argmax(0)]
 
 
 class GroupwiseRegistration:
@@ -374,7 +396,7 @@ class GroupwiseRegistration:
                 "brain_fill": float(item.get("brain_fill", "nan")),
                 "smoothness": float(item.get("smoothness", "nan")),
             }
-            members.append(GroupMember(item["name"], points, brain_corners(item["native_mask"]), scores))
+            members.append(GroupMember(item["name"], points, brain_outline(item["native_mask"]), scores))
         return members
 
     def fit(self, members: list[GroupMember]) -> GroupFit:
@@ -391,11 +413,11 @@ class GroupwiseRegistration:
         )
 
     def template_grid(self, members: list[GroupMember], group: GroupFit) -> tuple[torch.Tensor, list[int]]:
-        """The template grid: world-aligned, ``template_spacing`` mm, holding every included brain's bounding box
-        mapped into the group space, with ``template_margin_mm`` around."""
+        """The template grid: world-aligned, ``template_spacing`` mm, holding every included brain's outline mapped
+        into the group space, with ``template_margin_mm`` around."""
         to_group = torch.linalg.inv(group.fixed_to_moving[group.included])
-        corners = torch.stack([m.brain_corners for m, keep in zip(members, group.included) if keep])
-        mapped = apply_affine(to_group, corners).reshape(-1, 3)
+        outlines = torch.stack([m.brain_outline for m, keep in zip(members, group.included) if keep])
+        mapped = apply_affine(to_group, outlines).reshape(-1, 3)
         return grid_around(mapped, self.template_spacing, margin_mm=self.template_margin_mm)
 
     def build_template(self, members: list[GroupMember], group: GroupFit) -> None:
@@ -473,22 +495,41 @@ class GroupCase:
     residual: float
     in_template: bool
 
-    def registration(self) -> Registration:
-        return Registration(
-            self.fixed_to_moving[None], self.mean[None], self.keypoints[None], torch.tensor([self.residual])
-        )
+    def registration(self, fixed_to_moving: torch.Tensor | None = None) -> Registration:
+        """This case as a :class:`scripts.registration.Registration` (batch of one), with ``fixed_to_moving`` (the
+        refined matrix) instead of the keypoint solution when given; the residual stays the keypoint fit's."""
+        matrix = self.fixed_to_moving if fixed_to_moving is None else fixed_to_moving
+        return Registration(matrix[None], self.mean[None], self.keypoints[None], torch.tensor([self.residual]))
 
 
 class GroupwiseEvaluator(RegistrationEvaluator):
     """The inference evaluator with the group's transforms instead of a fit per pair: the fixed image of every
     case is the template, and each case's registration is its :class:`GroupCase` (``group``, set by
-    :class:`GroupwiseRegistration` before the run). Outputs carry ``in_template`` ("yes"/"no") for the summary; a
+    :class:`GroupwiseRegistration` before the run), refined against the template by mutual information as inference
+    refines a keypoint solution (:func:`scripts.refinement.refine_affine`, the inferer's ``refine_iterations``
+    steps; 0 keeps the group's keypoint solution). Outputs carry ``in_template`` ("yes"/"no") for the summary; a
     case left out of the mean says why in its message."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group: dict[str, GroupCase] = {}
         self.failures: dict[str, str] = {}  # why pass 1 found no keypoints, by case name
+
+    def refined(self, fixed: dict, moving: dict, fixed_to_moving: torch.Tensor, device) -> torch.Tensor:
+        """The ``(4, 4)`` group-to-image matrix after the inferer's ``refine_iterations`` steps of mutual-information
+        refinement on the network grids of the template (``fixed``) and the image (``moving``)."""
+        iterations = int(getattr(self.inferer, "refine_iterations", 0))
+        if not iterations:
+            return fixed_to_moving
+        return refine_affine(
+            fixed["image"].as_tensor().to(device),
+            affine_of(fixed["image"]).to(device),
+            fixed["mask"].as_tensor().to(device),
+            moving["image"].as_tensor().to(device),
+            affine_of(moving["image"]).to(device),
+            fixed_to_moving.to(device),
+            iterations,
+        ).cpu()
 
     def _iteration(self, engine, batchdata):
         item = batchdata[0]
@@ -501,8 +542,11 @@ class GroupwiseEvaluator(RegistrationEvaluator):
         start = time.perf_counter() - item.get("seconds", 0.0)
         try:
             fixed = self.fixed(item["fixed"])
+            matrix = self.refined(fixed, item, case.fixed_to_moving, engine.state.device)
         except Exception as error:
-            return {"name": item["name"], "status": "error", "message": str(error), "seconds": 0.0, "in_template": "no"}
+            logger.debug("registration of %s failed", source_path(item), exc_info=True)
+            message = message_naming(error, source_path(item))
+            return {"name": item["name"], "status": "error", "message": message, "seconds": 0.0, "in_template": "no"}
         if not case.in_template:
             note = "not in the template (excluded from the group mean: suspect before the template was made)"
             item = {**item, "notes": [*item.get("notes", []), note]}
@@ -511,7 +555,7 @@ class GroupwiseEvaluator(RegistrationEvaluator):
             "status": "ok",
             "message": "",
             "seconds": 0.0,
-            "registration": case.registration(),
+            "registration": case.registration(matrix),
             "fixed": fixed,
             "moving": item,
             "start": start,

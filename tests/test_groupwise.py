@@ -19,11 +19,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_inference import OUTPUT_FILES, ROOT, SMALL_NETWORK, rigid, write_checkpoint, write_moving, write_nifti
+from monai.data import MetaTensor
+from test_inference import (
+    OUTPUT_FILES,
+    ROOT,
+    SMALL_NETWORK,
+    rigid,
+    rotation,
+    write_checkpoint,
+    write_moving,
+    write_nifti,
+)
 
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphWorkflowError
 from scripts.groupwise import (
+    brain_outline,
     centroid_and_size,
     check_groupwise_settings,
     fit_group,
@@ -143,6 +154,27 @@ def test_the_turn_search_picks_the_keypoint_set_that_fits_the_group():
     assert bool(group.included.all()) and float(group.residual.max()) < 1e-4
 
 
+def test_the_brain_outline_bounds_the_mapped_brain_within_a_few_mm():
+    """The template grid holds the brains mapped into the group space: the bounding box of the mapped outline is
+    that of the mapped brain voxels within the pooled cell size, where a turned bounding box's corners overshoot."""
+    world = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(60.0)] * 3, indexing="ij"), -1)) - 29.5
+    brain = (world / torch.tensor([25.0, 18.0, 12.0], dtype=torch.float64)).pow(2).sum(-1) <= 1  # an ellipsoid
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, 3] = -29.5  # 1 mm voxels, centred on the origin like `world`
+    mask = MetaTensor(brain[None].float(), affine=affine)
+    move = torch.eye(4, dtype=torch.float64)
+    move[:3, :3] = torch.from_numpy(rotation([1.0, 2.0, 0.5], 50.0)) * 1.1
+    voxels = apply_affine(move, world[brain])
+    outline = apply_affine(move, brain_outline(mask, max_voxels=30**3))  # pooled by 2: 2 mm cells
+    for low, high, side in zip(outline.min(0).values, outline.max(0).values, range(3)):
+        assert float(low) == pytest.approx(float(voxels[:, side].min()), abs=3.5)
+        assert float(high) == pytest.approx(float(voxels[:, side].max()), abs=3.5)
+    # the corners of the turned box around the same brain reach much further out
+    corners = torch.tensor([[x, y, z] for x in (-25, 25) for y in (-18, 18) for z in (-12, 12)], dtype=torch.float64)
+    corners = apply_affine(move, corners)
+    assert float((corners.max(0).values - voxels.max(0).values).max()) > 10
+
+
 # --- through the bundle runner ----------------------------------------------------------------------------------
 
 
@@ -196,6 +228,9 @@ def groupwise_run(tmp_path_factory):
         "1000",
         "--template_spacing",
         "2.0",
+        # the keypoint solutions, with which the template is made: registered.nii.gz then averages to it
+        "--refine_iterations",
+        "0",
         *SMALL_NETWORK,
     )
     return {"process": process, "output": output, "root": root}
