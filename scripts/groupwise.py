@@ -31,9 +31,11 @@ left. They are still registered to the group space; ``summary.csv`` says ``in_te
 flagged only by its similarity to the template (measured in pass 3, after the template is made) is ``suspect``
 but was part of the mean; its ``in_template`` says ``yes``.
 
-The group space is pinned as follows (an affine mean could otherwise drift or shrink from one iteration to the
-next): its orientation is the first included image's (the starting mean), its centroid and size (RMS distance of
-the keypoints from their centroid) are the averages of the included images' keypoint centroids and sizes.
+The group space is pinned to the average of the included images' world spaces (an affine mean could otherwise
+drift or shrink from one iteration to the next, and would keep the pose of the image it started from): its centroid
+and size (RMS distance of the keypoints from their centroid) are the averages of the images' keypoint centroids and
+sizes, and its orientation is their average (the group-to-image maps turn by no rotation on average), so scans taken
+upright give an upright template.
 """
 
 from __future__ import annotations
@@ -99,6 +101,24 @@ def residuals(fixed_to_moving: torch.Tensor, mean: torch.Tensor, points: torch.T
     return fit_residual(fixed_to_moving, mean.to(torch.float64).expand(len(points), -1, -1), points)
 
 
+def rotation_factor(linear: torch.Tensor) -> torch.Tensor:
+    """The proper rotation ``(..., 3, 3)`` closest to each matrix ``(..., 3, 3)`` (the rotation factor of its polar
+    decomposition, ``U V^T`` of the SVD, a reflection turned into a rotation): the orientation of a linear map."""
+    u, _, vh = torch.linalg.svd(linear)
+    signs = torch.ones(*linear.shape[:-2], 3, dtype=linear.dtype)
+    signs[..., 2] = torch.sign(torch.linalg.det(u @ vh))
+    return u @ torch.diag_embed(signs) @ vh
+
+
+def with_mean_orientation(mean: torch.Tensor, fixed_to_moving: torch.Tensor) -> torch.Tensor:
+    """The mean ``(K, 3)`` turned about its centroid so that the group-to-image maps ``(N, 4, 4)`` fitted to it are
+    turned by no rotation on average (the chordal mean of their rotation factors becomes the identity): the group
+    space takes the images' average orientation."""
+    average = rotation_factor(rotation_factor(fixed_to_moving[:, :3, :3]).sum(0))
+    centroid = mean.mean(0)
+    return (mean - centroid) @ average.T + centroid
+
+
 def generalised_procrustes(
     points: torch.Tensor, aligner: str = "affine", tolerance_mm: float = 0.01, max_iterations: int = 20
 ) -> tuple[torch.Tensor, int]:
@@ -107,7 +127,8 @@ def generalised_procrustes(
     Starting from the first image's keypoints, each iteration fits every image's keypoints to the current mean
     (:func:`fit_to_mean`), maps them into the group space (the inverse of that 4x4 fit: a matrix of keypoints, never
     an image), averages them and gives the average the group's centroid and size (the averages of the images' own,
-    see the module docstring), until no mean keypoint moves by ``tolerance_mm`` or more, or ``max_iterations``.
+    see the module docstring), until no mean keypoint moves by ``tolerance_mm`` or more, or ``max_iterations``. The
+    converged mean is then turned to the images' average orientation (:func:`with_mean_orientation`).
 
     Args:
         points: ``(N, K, 3)`` keypoints of N images in world mm (row k of each image is keypoint k).
@@ -132,7 +153,7 @@ def generalised_procrustes(
         mean = updated
         if change < tolerance_mm:
             break
-    return mean, iteration
+    return with_mean_orientation(mean, fit_to_mean(mean, points, aligner)), iteration
 
 
 @dataclass

@@ -38,8 +38,10 @@ from scripts.groupwise import (
     centroid_and_size,
     check_groupwise_settings,
     fit_group,
+    fit_to_mean,
     generalised_procrustes,
     pairwise_consistency_mm,
+    rotation_factor,
 )
 from scripts.transform_io import read_itk_transform
 
@@ -117,6 +119,17 @@ def test_noisy_groups_stay_consistent_and_the_mean_keeps_the_group_size(aligner)
     assert float(thinnest) > 0.9 * float(image_thinnest.min())
     group = fit_group(points[:, None], aligner)
     assert pairwise_consistency_mm(group.fixed_to_moving, truth, configuration) < 1.0
+
+
+@pytest.mark.parametrize("aligner", ALIGNERS)
+def test_the_group_space_takes_the_images_average_orientation(aligner):
+    """Whatever pose the first image has, the group-to-image maps turn by no rotation on average."""
+    configuration, truth, points = group_of(aligner, count=6, noise_mm=0.5, seed=7)
+    mean, _ = generalised_procrustes(points, aligner)
+    rotations = rotation_factor(fit_to_mean(mean, points, aligner)[:, :3, :3])
+    assert torch.allclose(rotation_factor(rotations.sum(0)), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    # and not by accident: the first image alone is turned far from the group's orientation
+    assert float((rotations[0] - torch.eye(3, dtype=torch.float64)).abs().max()) > 0.3
 
 
 def test_an_outlier_is_left_out_of_the_mean():
