@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     true_transforms = torch.stack([truth[n] for n in names])
     # the truth's common world: the first image's brain voxels mapped back into it
-    first_labels = load_volume(os.path.join(images_dir, LABELS_PATTERN.format(name=names[0])), require_contrast=False)
+    first_labels = load_volume(os.path.join(images_dir, LABELS_PATTERN.format(name=names[0])), to_register=False)
     points = brain_points((first_labels > 0).float(), count=5000)
     points = apply_affine(torch.linalg.inv(truth[names[0]]), points)
     results = {}
