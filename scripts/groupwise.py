@@ -447,18 +447,19 @@ class GroupwiseRegistration:
         affine, shape = self.template_grid(members, group)
         index = {m.name: i for i, m in enumerate(members)}
         image_sum, mask_sum = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        count = 0
         for item in self._items():
             number = index.get(item["name"]) if "error" not in item and not item.get("skipped") else None
             if number is None or not bool(group.included[number]):
                 continue
+            count += 1
             matrix = group.fixed_to_moving[number]
             original = self.intensity_scaling({"image": item["original"]})["image"]
             image_sum += resample_onto(original.as_tensor().float(), affine_of(original), affine, shape, matrix)[0]
             mask = item["native_mask"]
             mask_sum += resample_onto(mask.as_tensor().float(), affine_of(mask), affine, shape, matrix)[0]
-        count = max(int(group.included.sum()), 1)
         for path, total in ((self.template_path, image_sum), (self.template_mask_path, mask_sum)):
-            image = nib.Nifti1Image((total / count).numpy().astype(np.float32), affine.numpy())
+            image = nib.Nifti1Image((total / max(count, 1)).numpy().astype(np.float32), affine.numpy())
             image.set_qform(affine.numpy(), 1)
             image.set_sform(affine.numpy(), 1)
             image.header.set_xyzt_units("mm")
@@ -466,6 +467,7 @@ class GroupwiseRegistration:
 
     def run(self) -> None:
         """The three passes (see the module docstring); the exit code is that of :func:`run_registration`."""
+        logger.info(f"groupwise pass 1 of 3: the keypoints of {len(self.dataloader.dataset)} input(s)")
         members = self.collect()
         if members:
             group = self.fit(members)
@@ -473,6 +475,10 @@ class GroupwiseRegistration:
                 f"group space: {int(group.included.sum())} of {len(members)} image(s) in the mean"
                 f" ({group.iterations} Procrustes iteration(s), aligner {self.aligner})"
             )
+            left_out = [m.name for m, keep in zip(members, group.included) if not keep]
+            if left_out:
+                logger.warning(f"left out of the group mean and the template (suspect): {', '.join(left_out)}")
+            logger.info(f"groupwise pass 2 of 3: the template, {self.template_path}")
             self.build_template(members, group)
             self.evaluator.group = {
                 m.name: GroupCase(
@@ -484,6 +490,7 @@ class GroupwiseRegistration:
                 )
                 for i, m in enumerate(members)
             }
+        logger.info("groupwise pass 3 of 3: each case registered to the template")
         run_registration(self.evaluator)
 
 
