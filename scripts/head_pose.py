@@ -96,6 +96,7 @@ class _Level:
 
     def __init__(self, template: torch.Tensor, affine: torch.Tensor, spacing: float, points: int, seed: int):
         values, affine = box_average(template, affine, spacing)
+        self.template_centre = foreground_centre(values, affine)
         brain = torch.nonzero(values > 0.05 * values.max())
         margin = int(round(TEMPLATE_MARGIN_MM / spacing))
         low = (brain.min(0).values - margin).clamp(min=0)
@@ -108,12 +109,15 @@ class _Level:
         self.template_bins = intensity_bins(box).flatten()[chosen].long()
         self.spacing = spacing
 
-    def set_image(self, image: torch.Tensor, affine: torch.Tensor) -> None:
+    def set_image(self, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+        """Take the image ``(D, H, W)`` to compare with; returns the world centre ``(3,)`` of its foreground at
+        this level's spacing."""
         values, coarse = box_average(image, affine, self.spacing)
         self.image_bins = intensity_bins(values)[None, None]
         # image world -> PyTorch grid coordinates (normalized, reversed axis order) of the coarse image
         to_grid = voxel_to_normalized(values.shape) @ torch.linalg.inv(coarse)
         self.world_to_grid = to_grid[[2, 1, 0, 3]]
+        return foreground_centre(values, coarse)
 
     def nmi(self, matrices: torch.Tensor) -> torch.Tensor:
         """NMI ``(N,)`` of ``N`` template-to-image world matrices ``(N, 4, 4)``: (H(T) + H(I)) / H(T, I)."""
@@ -154,7 +158,7 @@ class HeadPoseSearch:
     ):
         template, template_affine = torch.as_tensor(template), torch.as_tensor(template_affine, dtype=torch.float64)
         self.levels = [_Level(template, template_affine, s, points, seed) for s in LEVEL_SPACINGS]
-        self.template_centre = foreground_centre(*box_average(template, template_affine, LEVEL_SPACINGS[-1]))
+        self.template_centre = self.levels[-1].template_centre
         self.starts = torch.from_numpy(Rotation.random(starts, random_state=seed).as_matrix())
         self.keep, self.seed = keep, seed
 
@@ -170,9 +174,7 @@ class HeadPoseSearch:
     def __call__(self, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
         """The frame ``U`` ``(3, 3)`` float64 of an image ``(D, H, W)`` with voxel-to-world ``affine`` ``(4, 4)``."""
         affine = torch.as_tensor(affine, dtype=torch.float64)
-        for level in self.levels:
-            level.set_image(image, affine)
-        centre = foreground_centre(*box_average(image, affine, LEVEL_SPACINGS[0]))
+        centre = [level.set_image(image, affine) for level in self.levels][0]
         rotations = self.starts
         shifts = centre.expand(len(rotations), 3)
         scores = self.levels[0].nmi(self.matrices(rotations, shifts))

@@ -36,17 +36,6 @@ _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 UPRIGHT_VIEW_MARGIN_MM = 10.0
 
 
-def _outer_faces(array: np.ndarray) -> list[np.ndarray]:
-    """The six outermost voxel layers of a 3-D array."""
-    return [array[index] for axis in range(3) for index in _face_indices(axis, array.ndim)]
-
-
-def _face_indices(axis: int, ndim: int) -> tuple:
-    first, last = [slice(None)] * ndim, [slice(None)] * ndim
-    first[axis], last[axis] = 0, -1
-    return tuple(first), tuple(last)
-
-
 class SkullStripd(MapTransform):
     """Zero an image outside the brain and store the brain mask.
 
@@ -215,7 +204,8 @@ class SkullStripd(MapTransform):
         spacing = max(1.0, float(affine[:3, :3].norm(dim=0).min()))  # deepbet rescales to 256^3 voxels anyway
         head = torch.nonzero(foreground(torch.from_numpy(array[::2, ::2, ::2]))).to(torch.float64) * 2
         grid, shape = grid_around(apply_affine(affine, head), spacing, frame, margin_mm=UPRIGHT_VIEW_MARGIN_MM)
-        background = float(np.median(np.concatenate([np.ravel(face) for face in _outer_faces(array)])))
+        outer_layer = [array[[0, -1]], array[:, [0, -1]], array[:, :, [0, -1]]]
+        background = float(np.median(np.concatenate([np.ravel(faces) for faces in outer_layer])))
         identity = torch.eye(4, dtype=torch.float64)
         upright = resample_onto(torch.from_numpy(array - background)[None], affine, grid, shape, identity)[0]
         mask = self._run_deepbet((upright + background).numpy(), name)
