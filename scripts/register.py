@@ -42,7 +42,11 @@ FROM_ARGUMENTS = {
 }
 #: Options for the other user settings of configs/inference.yaml: help text and choices (None: any value).
 OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
-    "skull_strip": ("how the moving brains are found: deepbet (whole-head scans), mask (--mask_dir), none", BACKENDS),
+    "skull_strip": (
+        "how the moving brains are found: bundle (the bundle's brain-mask network, any contrast and pose), "
+        "deepbet (T1 whole-head scans), mask (--mask_dir), none",
+        BACKENDS,
+    ),
     "fixed_skull_strip": ("the same for the fixed image (the default atlas is brain-extracted)", BACKENDS),
     "mask_dir": ("with --skull_strip mask: the brain mask of NAME.nii.gz is MASK_DIR/NAME.nii.gz", None),
     "head_pose": (

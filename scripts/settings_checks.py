@@ -32,7 +32,7 @@ from scripts.hashes import HashMismatch, check_file, recorded_entry
 from scripts.image_io import load_volume
 from scripts.inference import RegistrationDataset
 from scripts.robustness_cases import held_out_datalist, held_out_label_maps, parse_modality_pair
-from scripts.skull_strip import BACKENDS
+from scripts.skull_strip import BACKENDS, BRAIN_MASK_WEIGHTS
 from scripts.training_data import training_images
 
 #: The aligners of inference: those whose transform is one matrix.
@@ -141,6 +141,7 @@ def check_inference_settings(
     fixed_image: str,
     skull_strip: str,
     ckpt_path: str,
+    brain_mask_weights: str | None = None,
     pairs_csv: str | None = None,
     fixed_skull_strip: str = "none",
     mask_dir: str | None = None,
@@ -173,7 +174,8 @@ def check_inference_settings(
     ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows;
     ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed image is the template it makes); the
     output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
-    ``ckpt_path`` is the file it lists and ``hash_val`` is set, and, given ``network``, loadable into it).
+    ``ckpt_path`` is the file it lists and ``hash_val`` is set, and, given ``network``, loadable into it); the
+    brain-mask network's weights ``brain_mask_weights`` in the same way when a skull-strip backend is ``bundle``.
 
     Give it plain setting values only, not components of the config: a component is built when the check's
     expression is evaluated, before the check can say what is wrong with its settings. The weights are loaded into
@@ -252,6 +254,8 @@ def check_inference_settings(
     if problem:
         fail(problem)
     problem = weights_problem(ckpt_path, bundle_root, network)
+    if "bundle" in (skull_strip, fixed_skull_strip):
+        problem = problem or weights_problem(os.fspath(brain_mask_weights or BRAIN_MASK_WEIGHTS), bundle_root)
     if problem:
         fail(problem)
 

@@ -22,15 +22,20 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
+from scripts.brain_mask import brain_mask_network, predict_brain_mask
+from scripts.checkpoints import load_state_dict
 from scripts.cli import as_bool
 from scripts.coordinates import apply_affine, grid_around, resample_onto, rotation_angle_deg
 from scripts.errors import KeyMorphInputError, first_line
+from scripts.hashes import BUNDLE_ROOT
 from scripts.head_pose import HeadPoseSearch, foreground
 from scripts.image_io import load_onto_grid, source_name
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("deepbet", "mask", "none")
+BACKENDS = ("bundle", "deepbet", "mask", "none")
+#: The brain-mask network's weights shipped with the bundle (``skull_strip: bundle``).
+BRAIN_MASK_WEIGHTS = os.path.join(BUNDLE_ROOT, "models", "brain_mask.pt")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 # Room around the head in the upright view deepbet sees again (mm).
 UPRIGHT_VIEW_MARGIN_MM = 10.0
@@ -47,6 +52,10 @@ class SkullStripd(MapTransform):
 
     Backends:
 
+    * ``"bundle"``: the bundle's own brain-mask network (:mod:`scripts.brain_mask`, weights ``weights``, by default
+      :data:`BRAIN_MASK_WEIGHTS`), trained on synthetic heads and brains of any contrast in any pose: one pass on
+      the image's 2 mm world-aligned grid, whatever its orientation, voxel size or contrast; ``head_pose`` does not
+      apply. Loaded once per transform instance, on first use, on ``device``.
     * ``"deepbet"``: the trained deepbet networks shipped in the ``deepbet`` wheel (Fisch et al. 2024), loaded
       once per transform instance, on first use, on ``device`` (CPU by default). The deepbet probability is
       thresholded at ``threshold``, then deepbet's own post-processing keeps the largest connected component and
@@ -81,6 +90,7 @@ class SkullStripd(MapTransform):
         device: str | torch.device | None = None,
         head_pose: bool = True,
         upright_tolerance: float = 10.0,
+        weights: str | os.PathLike = BRAIN_MASK_WEIGHTS,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if backend not in BACKENDS:
@@ -93,6 +103,8 @@ class SkullStripd(MapTransform):
         self.threshold = float(threshold)
         self.device = torch.device("cpu" if device is None else device)
         self._extractor = None  # deepbet.bet.BrainExtraction, loaded on first use
+        self.weights = os.fspath(weights)
+        self._network = None  # the brain-mask U-Net of backend "bundle", loaded on first use
         self.head_pose, self.upright_tolerance = as_bool(head_pose, "head_pose"), float(upright_tolerance)
         self._pose_search = None  # scripts.head_pose.HeadPoseSearch, built on first use
         self._lock = threading.Lock()  # deepbet keeps per-call state (the bounding box) on the extractor
@@ -100,7 +112,7 @@ class SkullStripd(MapTransform):
     def __getstate__(self) -> dict:
         # TorchScript models and locks do not pickle; DataLoader workers reload the model lazily.
         state = self.__dict__.copy()
-        state["_extractor"], state["_lock"], state["_pose_search"] = None, None, None
+        state["_extractor"], state["_lock"], state["_pose_search"], state["_network"] = None, None, None, None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -118,7 +130,9 @@ class SkullStripd(MapTransform):
                 raise KeyMorphInputError(
                     f"{name}: expected one 3-D volume (1, D, H, W) but got shape {tuple(image.shape)}"
                 )
-            if self.backend == "deepbet":
+            if self.backend == "bundle":
+                brain = self._network_mask(image, name)
+            elif self.backend == "deepbet":
                 brain = self._deepbet_mask(image, name)
             elif self.backend == "mask":
                 brain = self._file_mask(image, d.get(mask_path_key), name)
@@ -154,6 +168,23 @@ class SkullStripd(MapTransform):
             extractor.bbox_model.to(self.device)
             self._extractor = extractor
         return self._extractor
+
+    def _load_network(self) -> torch.nn.Module:
+        """The brain-mask U-Net with its weights on ``self.device``, loaded once."""
+        if self._network is None:
+            network = brain_mask_network()
+            network.load_state_dict(load_state_dict(self.weights))
+            self._network = network.to(self.device).eval()
+        return self._network
+
+    def _network_mask(self, image: MetaTensor, name: str) -> torch.Tensor:
+        """Boolean brain mask ``(D, H, W)`` from the bundle's brain-mask network, on the image's grid."""
+        array = torch.nan_to_num(image.as_tensor()[0].detach().to(device="cpu", dtype=torch.float32))
+        if float(array.max()) == float(array.min()):
+            raise KeyMorphInputError(f"{name}: the image is constant ({float(array.max())}); no brain to extract")
+        with self._lock:
+            network = self._load_network()
+        return predict_brain_mask(network, array, image.affine)
 
     def _load_pose_search(self) -> HeadPoseSearch:
         """The head-pose search of :mod:`scripts.head_pose` against the MNI152 brain, built once."""
