@@ -1,7 +1,7 @@
 """Groupwise registration against the truth: the group space up to one global transform, and label Dice.
 
     python benchmarks/groupwise_consistency.py [--label_maps_dir ../shared/data/label_maps] \\
-        [--subject training_seg_01] [--seeds 0 1 2] [--aligner affine] [--output_dir runs/groupwise_consistency]
+        [--subject training_seg_13] [--seeds 0 1 2] [--aligner affine] [--output_dir runs/groupwise_consistency]
 
 Synthetic images with known transforms (:mod:`scripts.make_test_set`): for each seed, a T1-, T2- and PD-like
 image of one label-map subject (brain only), each moved by its own random affine ``T`` (common world -> image
@@ -109,7 +109,9 @@ def register_both(common: list[str], groupwise_dir: str, member_dir: str, member
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label_maps_dir", default=os.path.join(ROOT, "..", "shared", "data", "label_maps"))
-    parser.add_argument("--subject", default="training_seg_01")
+    parser.add_argument(
+        "--subject", default="training_seg_13", help="a held-out label map (13-16 are never trained on)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--aligner", default="affine", choices=("affine", "similarity", "rigid"))
     parser.add_argument("--ckpt_path", default=os.path.join(ROOT, "models", "model.pt"))

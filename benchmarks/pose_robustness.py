@@ -5,7 +5,7 @@ Usage (from the bundle root)::
     python benchmarks/pose_robustness.py --label_maps_dir ../shared/data/label_maps \\
         --subjects training_seg_13 training_seg_14 training_seg_15 training_seg_16 --output_dir docs/benchmark/pose \\
         [--angles 0 45 90 135 180] [--spacing 1.0] [--work_dir DIR] [--setting KEY=VALUE ...] [--mask_only]
-        [--report_only]
+        [--mask_methods bundle deepbet deepbet+pose] [--report_only]
 
 Images
 ------
@@ -29,8 +29,9 @@ with the DEFAULT settings (``--setting`` overrides one, e.g. ``skull_strip=none`
 ``affine_ras.txt`` it wrote. A case FAILS when its mean error exceeds 5 mm or its Dice is below 0.3.
 
 The brain extraction itself is scored separately (``mask_dice.csv``): the moving images' brain masks from
-:class:`scripts.skull_strip.SkullStripd` as inference configures it (deepbet, the brain's pose, deepbet again upright) and from deepbet alone,
-against the label map's brain, per angle, with the seconds per image.
+:class:`scripts.skull_strip.SkullStripd` with each of ``--mask_methods``: ``bundle`` (the bundle's brain-mask
+network), ``deepbet`` (deepbet alone) and ``deepbet+pose`` (deepbet, the brain's pose, deepbet again upright),
+against the label map's brain, per angle and contrast, with the seconds per image.
 
 Outputs in ``--output_dir``: ``cases.csv``, ``mask_dice.csv``, ``summary.md`` (failure rate, Dice and error per
 angle and rotation kind; mask Dice per angle; the machine).
@@ -245,13 +246,20 @@ def score(cases: list[dict], output_dir: str) -> list[dict]:
     return rows
 
 
-def mask_scores(cases: list[dict]) -> list[dict]:
-    """Brain-mask Dice and seconds of each moving image with deepbet alone and as inference runs it (with the
-    brain's pose and, when turned, deepbet again on an upright view)."""
+#: The brain-extraction methods :func:`mask_scores` can compare: settings of :class:`scripts.skull_strip.SkullStripd`.
+MASK_METHODS = {
+    "bundle": {"backend": "bundle"},
+    "deepbet": {"backend": "deepbet", "head_pose": False},
+    "deepbet+pose": {"backend": "deepbet", "head_pose": True},
+}
+
+
+def mask_scores(cases: list[dict], methods=tuple(MASK_METHODS)) -> list[dict]:
+    """Brain-mask Dice and seconds of each moving image with each of ``methods`` (keys of :data:`MASK_METHODS`)."""
     from scripts.image_io import load_volume
     from scripts.skull_strip import SkullStripd
 
-    strippers = {"deepbet": SkullStripd(head_pose=False), "deepbet+pose": SkullStripd(head_pose=True)}
+    strippers = {method: SkullStripd(**MASK_METHODS[method]) for method in methods}
     rows, seen = [], set()
     for case in cases:
         if case["moving"] in seen or case["condition"] != "full":
@@ -390,6 +398,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--setting", action="append", default=[], help="KEY=VALUE override of inference.yaml")
     parser.add_argument("--mask_only", action="store_true", help="only the brain-extraction table")
+    parser.add_argument("--mask_methods", nargs="+", choices=list(MASK_METHODS), default=list(MASK_METHODS))
     parser.add_argument(
         "--report_only", action="store_true", help="rewrite summary.md from the csv files in --output_dir; no run"
     )
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
         run_inference(cases, args.work_dir, args.setting)
         rows = score(cases, args.work_dir)
         _write_csv(os.path.join(args.output_dir, "cases.csv"), rows)
-    mask_rows = mask_scores(cases)
+    mask_rows = mask_scores(cases, args.mask_methods)
     _write_csv(os.path.join(args.output_dir, "mask_dice.csv"), mask_rows)
     return _report(args.output_dir, rows, mask_rows, args.setting)
 

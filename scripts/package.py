@@ -3,11 +3,12 @@
 The zip is ``<output_dir>/<name>_v<version>.zip`` (``name`` is ``bundle_name`` and ``version`` is ``version`` in
 configs/metadata.json) and holds one folder ``<name>/`` with what ``python -m monai.bundle download --name <name>
 --url <zip URL>`` needs to give a working bundle: ``configs/``, ``scripts/``, ``docs/``, ``LICENSE``,
-``large_files.yml`` and ``models/model.pt`` (no tests, caches or run outputs).
+``large_files.yml`` and the files it lists (the weights: ``models/model.pt``, ``models/brain_mask.pt``; no tests,
+caches or run outputs).
 
 Before writing anything it checks what a release must satisfy and stops with one line on the first problem:
-``version`` is a key of ``changelog``, and the sha256 of ``models/model.pt`` equals its ``hash_val`` in
-``large_files.yml`` (after training: ``python -m scripts.hashes update``). Entries are sorted and dated
+``version`` is a key of ``changelog``, and the sha256 of each file ``large_files.yml`` lists equals its ``hash_val``
+(after training: ``python -m scripts.hashes update [--path models/brain_mask.pt]``). Entries are sorted and dated
 1980-01-01, so the same files give the same zip; its sha256 is printed for the release notes.
 """
 
@@ -21,11 +22,11 @@ import zipfile
 from pathlib import Path
 
 from scripts.errors import fail
-from scripts.hashes import BUNDLE_ROOT, LARGE_FILES, WEIGHTS, HashMismatch, check_file, entry_for, file_hash
+from scripts.hashes import BUNDLE_ROOT, LARGE_FILES, HashMismatch, check_file, file_hash, large_files
 
 # folders copied whole (minus EXCLUDED), and single files, relative to the bundle root
 FOLDERS = ("configs", "scripts", "docs")
-FILES = ("LICENSE", LARGE_FILES, WEIGHTS)
+FILES = ("LICENSE", LARGE_FILES)  # and every file large_files.yml lists
 EXCLUDED_DIRS = {"__pycache__", "tests", "runs", "eval", ".ipynb_checkpoints"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp", ".swp", "~")
 _FOLDER_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -50,7 +51,7 @@ def release_files(bundle_root: Path) -> list[str]:
                 if file.startswith(".") or file.endswith(EXCLUDED_SUFFIXES):
                     continue
                 found.append(Path(directory, file).relative_to(bundle_root).as_posix())
-    for file in FILES:
+    for file in FILES + tuple(entry["path"] for entry in large_files(bundle_root)):
         if not (bundle_root / file).is_file():
             raise FileNotFoundError(f"{file}: not found in {bundle_root}; a release needs it")
         found.append(file)
@@ -68,8 +69,9 @@ def check_release(bundle_root: Path) -> tuple[str, str]:
         raise ValueError(f"metadata.json: version {version!r} is not a key of changelog; add its changelog entry")
     name = bundle_name(metadata)
     try:
-        check_file(bundle_root, entry_for(bundle_root, WEIGHTS))
-    except (HashMismatch, KeyError) as error:
+        for entry in large_files(bundle_root):
+            check_file(bundle_root, entry)
+    except HashMismatch as error:
         raise ValueError(f"refusing to package: {error.args[0]}") from error
     return name, version
 
@@ -107,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as error:
         fail(str(error), code=1)
     print(f"{output}  sha256 {file_hash(output)}")
-    if not entry_for(args.bundle_root, WEIGHTS)["url"]:
-        print(f"note: {LARGE_FILES} has no url for {WEIGHTS}; set it when the weights are published")
+    for entry in large_files(args.bundle_root):
+        if not entry["url"]:
+            print(f"note: {LARGE_FILES} has no url for {entry['path']}; set it when the weights are published")
 
 
 if __name__ == "__main__":

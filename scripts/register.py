@@ -70,6 +70,7 @@ OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
     "qc_max_brain_fill": ("QC: 'suspect' when the moving brain mask fills more of its image", None),
     "qc_min_smoothness": ("QC: 'suspect' when neighbouring brain voxels correlate less (noise)", None),
     "ckpt_path": ("the network weights (default: the bundle's models/model.pt)", None),
+    "brain_mask_weights": ("the brain-mask network's weights (default: the bundle's models/brain_mask.pt)", None),
 }
 _GLOB_CHARACTERS = "*?["
 

@@ -1,5 +1,5 @@
-"""Whole heads at any pose through the DEFAULT path: deepbet, the brain's pose, deepbet on the upright view,
-registration.
+"""Whole heads at any pose: brain extraction (the bundle's brain-mask network; deepbet with the brain's pose and a
+second pass on the upright view) and registration with the DEFAULT settings.
 
 The phantom is nilearn's MNI152 brain (a real T1, shipped with nilearn) wrapped in a synthetic skull and scalp,
 turned about an oblique axis and RESAMPLED into a world-aligned voxel array (a head tilted in the scanner):
@@ -65,9 +65,10 @@ def turned(head, angle: float) -> tuple[MetaTensor, torch.Tensor, torch.Tensor]:
     return resampled, truth[0], move
 
 
-@pytest.fixture(scope="module")
-def stripper():
-    return SkullStripd(keys="image", backend="deepbet")
+@pytest.fixture(scope="module", params=["bundle", "deepbet"])
+def stripper(request):
+    """Each brain extractor as inference configures it: the bundle's network; deepbet with the brain's pose."""
+    return SkullStripd(keys="image", backend=request.param)
 
 
 @pytest.mark.parametrize("angle", [0, 60, 120, 180])

@@ -474,6 +474,14 @@ def test_valid_settings_pass_and_create_the_output_folder(settings):
         ({"fixed_image": "/no/such/fixed.nii.gz"}, ["/no/such/fixed.nii.gz", "not found"]),
         ({"pairs_csv": "/no/such/pairs.csv"}, ["/no/such/pairs.csv"]),
         ({"ckpt_path": "/no/such/model.pt"}, ["/no/such/model.pt", "not found"]),
+        (
+            {"skull_strip": "bundle", "brain_mask_weights": "/no/such/brain_mask.pt"},
+            ["/no/such/brain_mask.pt", "not found"],
+        ),
+        (
+            {"fixed_skull_strip": "bundle", "brain_mask_weights": "/no/such/brain_mask.pt"},
+            ["/no/such/brain_mask.pt", "not found"],
+        ),
     ],
 )
 def test_bad_setting_is_one_line(settings, capsys, change, words):

@@ -43,7 +43,7 @@ def test_help_lists_settings_defaults_and_choices(capsys):
     for name in OPTIONS:
         assert f"--{name}" in text
     for words in (
-        "--skull_strip {deepbet,mask,none}",
+        "--skull_strip {bundle,deepbet,mask,none}",
         "(default: deepbet)",
         "--aligner {affine,rigid,similarity}",
         "(default: 60)",

@@ -135,7 +135,7 @@ def test_empty_mask_file_names_the_image(tmp_path):
         SkullStripd(keys="image", backend="mask")({"image": image, "mask_path": path})
 
 
-@pytest.mark.parametrize("backend", ["none", "deepbet"])
+@pytest.mark.parametrize("backend", ["none", "deepbet", "bundle"])
 def test_empty_image_names_the_image(backend):
     image = meta_image(np.zeros(SHAPE), image_affine())
     with pytest.raises(KeyMorphInputError, match="sub-01_T1w.nii.gz"):
