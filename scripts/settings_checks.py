@@ -172,10 +172,10 @@ def check_inference_settings(
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
     ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``,
-    ``num_workers``, ``num_threads``, network and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
-    ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows;
-    ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed image is the template it makes); the
-    output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
+    ``num_workers``, ``num_threads``, network and grid sizes, device, QC thresholds, ``mask_dir``); the inputs
+    (``dataset_dir`` with images, or a readable ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad
+    fixed image is an error of its rows; ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed
+    image is the template it makes); the output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
     ``ckpt_path`` is the file it lists and ``hash_val`` is set, and, given ``network``, loadable into it); the
     brain-mask network's weights ``brain_mask_weights`` in the same way when a skull-strip backend is ``bundle``.
 
