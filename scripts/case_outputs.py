@@ -22,9 +22,9 @@ gets ``error`` and the next case is written.
 The folder's files cost the same per case however many cases came before: each case's row is appended to
 ``summary.csv`` as the case ends (a later row of a name replaces its earlier ones, as a redone case's does), and
 ``summary.csv`` as a whole (one row per case) and ``index.html`` are rebuilt when a run starts on an earlier
-summary, with its first case, at most every
-:data:`REBUILD_SECONDS` during it (and less often when a rebuild takes long: :data:`REBUILD_SHARE`) and at its end.
-A killed run so leaves a ``summary.csv`` with a row for every case it finished.
+summary, with its first case, then at most every :data:`REBUILD_SECONDS` (less often when a rebuild takes long:
+:data:`REBUILD_SHARE`) and at its end. A killed run so leaves a ``summary.csv`` with a row for every case it
+finished.
 
 Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) every rank runs a writer for its own share of the cases
 and writes their folders (atomic as above); the writers follow the default process group. Rank 0 alone holds the

@@ -22,8 +22,8 @@ Failures and reruns:
   ``skipped`` row saying why (:func:`not_read_reason`).
 
 Throughput: with ``num_workers`` > 0 the dataset's preprocessing (reading, skull stripping, the brain frame: the
-slow part with deepbet) runs in DataLoader worker processes, up to two cases ahead of the registration (the
-DataLoader's ``prefetch_factor``), in the order of the list; the main process registers and writes. Each process
+slow part with deepbet) runs in DataLoader worker processes, each preparing one case at a time and holding at
+most one ready (``prefetch_factor`` 1), in the order of the list; the main process registers and writes. Each process
 takes its share of the cores (:func:`threads_per_process`). The fixed image is preprocessed once per run
 (:meth:`RegistrationEvaluator.fixed`), and nothing of a case is kept once its row is written, so memory does not
 grow with the folder.
