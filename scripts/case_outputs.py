@@ -55,7 +55,7 @@ from ignite.engine import Engine, Events
 
 from scripts.cli import as_bool
 from scripts.coordinates import affine_of, resample_onto
-from scripts.errors import KeyMorphInputError, message_naming
+from scripts.errors import KeyMorphInputError, message_naming, worker_died
 from scripts.image_io import header_moved, is_label_map, load_volume, save_volume
 from scripts.output_folder import (
     INDEX_FILE,
@@ -297,6 +297,8 @@ class RegistrationWriter:
             try:
                 row.update(self._write_case(output))
             except Exception as error:  # one case must never stop the folder
+                if worker_died(error):
+                    raise
                 logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
                 row.update(status="error", message=message_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]

@@ -35,12 +35,14 @@ Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) each process registers
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import functools
 import glob
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -52,7 +54,7 @@ from torch.utils.data import get_worker_info
 
 from scripts.case_outputs import FIXED_IMAGES_KEPT, case_done, extra_output_names, source_path
 from scripts.cli import as_bool, optional
-from scripts.errors import KeyMorphInputError, fail, first_line, message_naming, printable, workflow_step
+from scripts.errors import KeyMorphInputError, fail, first_line, message_naming, printable, worker_died, workflow_step
 from scripts.image_io import is_nifti, nifti_stem
 from scripts.output_folder import SUMMARY_FILE, check_case_name
 from scripts.provenance import read_provenance, what_changed
@@ -269,6 +271,8 @@ class RegistrationEvaluator(SupervisedEvaluator):
         try:
             return self.fixed_preprocessing({"image": path})
         except Exception as error:
+            if worker_died(error):
+                raise
             return f"fixed image {message_naming(error, path)}"
 
     def fixed(self, path: str) -> dict:
@@ -307,6 +311,8 @@ class RegistrationEvaluator(SupervisedEvaluator):
                     fixed_mask=fixed["mask"][None].to(engine.state.device),
                 )
         except Exception as error:
+            if worker_died(error):
+                raise
             logger.debug("registration of %s failed", source_path(item), exc_info=True)
             message = message_naming(error, source_path(item))
             return {**base, "status": "error", "message": message, "seconds": time.perf_counter() - start}
@@ -348,11 +354,29 @@ def run_registration(evaluator) -> None:
 
 @workflow_step
 def register_cases(evaluator) -> None:
-    """Run the inference evaluator; exit 2 when the run cannot start or end (the output folder taken or gone)."""
+    """Run the inference evaluator; exit 2 when the run cannot start or end (the output folder taken or gone, a
+    preprocessing worker killed)."""
     try:
-        evaluator.run()
+        with one_line_if_a_worker_dies():
+            evaluator.run()
     except KeyMorphInputError as error:
         fail(str(error))
+
+
+@contextlib.contextmanager
+def one_line_if_a_worker_dies():
+    """Turn the death of a DataLoader worker (:func:`scripts.errors.worker_died`: most often the kernel ending it
+    when memory ran out) into one line and exit code 2 instead of a traceback; the cases finished so far are kept."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not worker_died(error):
+            raise
+        sys.stderr.write("\r")  # over the progress bar the run left unfinished, not after it on its line
+        fail(
+            f"{first_line(error)} (out of memory?); the cases finished so far are kept and the same command goes on"
+            " from there; fewer preprocessing workers (--num_workers 1 or 0) need less memory"
+        )
 
 
 @workflow_step

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 from test_inference import (
+    OUTPUT_FILES,
     TRUTH,
     _snapshot,
+    has_traceback,
     inference_arguments,
     rigid,
     run_bundle,
@@ -26,6 +28,7 @@ from test_inference import (
     write_moving,
 )
 
+from scripts.output_folder import read_summary_rows
 from scripts.transform_io import read_ras_matrix
 
 CASES = {"a": TRUTH["moving_a"], "b": TRUTH["moving_b"], "c": rigid([0.0, 1.0, 0.3], 15.0, [-3.0, 2.0, 4.0])}
@@ -48,11 +51,10 @@ def folder(tmp_path_factory):
     (root / "in" / "broken.nii.gz").write_bytes(b"not an image")
     fixed, ckpt = write_fixed(root / "fixed.nii.gz"), write_checkpoint(root / "model.pt")
 
-    def run(output, workers: int, *arguments: str):
+    def run(output, workers: int, *arguments: str, python_path=()):
         settings = ["--num_workers", str(workers), "--refine_iterations", "3", *arguments]
-        return run_bundle(
-            *inference_arguments(root / "in", output, fixed, ckpt, *settings), env={"OMP_NUM_THREADS": "1"}
-        )
+        arguments = inference_arguments(root / "in", output, fixed, ckpt, *settings)
+        return run_bundle(*arguments, python_path=python_path, env={"OMP_NUM_THREADS": "1"})
 
     return SimpleNamespace(root=root, run=run)
 
@@ -82,6 +84,47 @@ def test_workers_give_the_rows_and_matrices_of_one_process_and_resume_alike(fold
         )
 
 
+# Loaded by the bundle's python through PYTHONPATH: a DataLoader worker (a forked child) that starts reading c.nii.gz
+# is killed at once, as the kernel kills a process when memory runs out (the fourth case: the first ones are
+# registered meanwhile).
+KILL_THE_WORKER_OF_C = """
+import os, signal
+
+
+def _in_a_forked_child():
+    import scripts.image_io as image_io
+
+    read = image_io.LoadVolumed.__call__
+
+    def read_or_die(self, data):
+        if str(data.get("image", "")).endswith("c.nii.gz"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, data)
+
+    image_io.LoadVolumed.__call__ = read_or_die
+
+
+os.register_at_fork(after_in_child=_in_a_forked_child)
+"""
+
+
+def test_a_killed_worker_ends_the_run_with_one_line_and_blames_no_case(folder, tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(KILL_THE_WORKER_OF_C)
+    output = tmp_path / "out"
+    process = folder.run(output, 2, python_path=[tmp_path / "inject"])
+    assert process.returncode == 2 and not has_traceback(process), process.stderr[-3000:]
+    line = process.stderr.strip().splitlines()[-1]
+    # PyTorch's words ("is killed by signal: Killed" or "exited unexpectedly", as it notices), then ours
+    assert line.startswith("keymorph: error: DataLoader worker (pid") and "(out of memory?)" in line, line
+    assert "--num_workers 1 or 0" in line
+    rows = read_summary_rows(str(output / "summary.csv"))
+    assert "a" in rows and "c" not in rows
+    for name, row in rows.items():  # what finished is whole, and no case is blamed for the worker
+        assert "DataLoader" not in row["message"], row
+        assert name == "broken" or sorted(os.listdir(output / name)) == sorted(OUTPUT_FILES)
+
+
 # --- the summary during a run ---------------------------------------------------------------------------------
 
 
@@ -92,7 +135,6 @@ def error_output(name: str) -> dict:
 
 def test_rows_are_appended_and_the_index_is_rebuilt_every_few_seconds(tmp_path, monkeypatch):
     import scripts.case_outputs as case_outputs
-    from scripts.output_folder import read_summary_rows
 
     with open(tmp_path / "summary.csv", "w", newline="") as handle:  # an earlier run: case_003 failed then
         handle.write("name,status,message\ncase_003,error,old failure\nother,ok,\n")
