@@ -150,7 +150,9 @@ def register(
             temporary folder, removed before returning.
         settings: settings of ``configs/inference.yaml`` (e.g. ``skull_strip``, ``fixed_skull_strip``,
             ``aligner``, ``refine_iterations``, ``header_only``, ``device``, ``ckpt_path``). ``overwrite`` is
-            true: a call always registers.
+            true: a call always registers. ``num_workers`` is 0 unless given: one pair has no next case to prepare
+            meanwhile, and this process takes every core (the run sets its torch threads, see
+            :func:`scripts.inference.threads_per_process`).
 
     Raises:
         KeyMorphWorkflowError: a wrong setting, fixed image, output folder or weights (``exit_code`` 2), one line.
@@ -165,7 +167,8 @@ def register(
             csv.writer(handle).writerows([("moving", "fixed", "name"), (moving_path, fixed_path, name)])
         out = os.path.abspath(os.fspath(output_dir)) if output_dir is not None else os.path.join(scratch, "output")
         workflow = inference_workflow(
-            logging=False, **{**settings, "pairs_csv": pairs_csv, "output_dir": out, "overwrite": True}
+            logging=False,
+            **{"num_workers": 0, **settings, "pairs_csv": pairs_csv, "output_dir": out, "overwrite": True},
         )
         try:
             run_workflow(workflow)

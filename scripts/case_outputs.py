@@ -19,11 +19,18 @@ included. A case is done when ``OUT_DIR/NAME`` holds every output file (:func:`c
 ``ok``, or ``suspect`` with the reasons when :mod:`scripts.qc` flags them; a case whose files cannot be written
 gets ``error`` and the next case is written.
 
+The folder's files cost the same per case however many cases came before: each case's row is appended to
+``summary.csv`` as the case ends (a later row of a name replaces its earlier ones, as a redone case's does), and
+``summary.csv`` as a whole (one row per case) and ``index.html`` are rebuilt when a run starts on an earlier
+summary, with its first case, then at most every :data:`REBUILD_SECONDS` (less often when a rebuild takes long:
+:data:`REBUILD_SHARE`) and at its end. A killed run so leaves a ``summary.csv`` with a row for every case it
+finished.
+
 Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) every rank runs a writer for its own share of the cases
 and writes their folders (atomic as above); the writers follow the default process group. Rank 0 alone holds the
 folder's lock (``OUT_DIR/.keymorph.lock``: the job is one run), cleans what a killed run left and reads the earlier
 rows, then tells the others (the same one-line refusal on every rank when the folder is taken). During the run
-rank 0 keeps ``summary.csv`` and ``index.html`` current with its own cases, each other rank its rows in
+rank 0 keeps ``summary.csv`` and ``index.html`` current with its own cases, each other rank appends its rows to
 ``OUT_DIR/.keymorph-rows-RANK.csv``; when every rank is done, rank 0 merges all rows into ``summary.csv`` and
 ``index.html`` and removes the row files, and every rank learns the counts of the whole job (one exit code). A
 killed job loses no finished case: its folders are complete, and the next run merges the row files it finds.
@@ -32,7 +39,9 @@ killed job loses no finished case: its folders are complete, and the next run me
 from __future__ import annotations
 
 import csv
+import functools
 import logging
+import math
 import os
 import shutil
 import time
@@ -46,7 +55,7 @@ from ignite.engine import Engine, Events
 
 from scripts.cli import as_bool
 from scripts.coordinates import affine_of, resample_onto
-from scripts.errors import KeyMorphInputError, message_naming
+from scripts.errors import KeyMorphInputError, message_naming, worker_died
 from scripts.image_io import header_moved, is_label_map, load_volume, save_volume
 from scripts.output_folder import (
     INDEX_FILE,
@@ -62,7 +71,7 @@ from scripts.output_folder import (
 )
 from scripts.provenance import PROVENANCE_FILE, write_provenance
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
-from scripts.qc_report import edges_figure, write_index
+from scripts.qc_report import EdgesFigure, write_index
 from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
 
 logger = logging.getLogger(__name__)
@@ -95,6 +104,14 @@ SUMMARY_COLUMNS = [
     "smoothness",
 ]
 STATUSES = ("ok", "suspect", "error", "skipped")
+#: During a run, index.html (and summary.csv as a whole) is rebuilt at most every REBUILD_SECONDS, and at most
+#: REBUILD_SHARE of the time goes to it (a large folder's rebuild takes longer, so it comes less often): each case
+#: costs the same however many came before. summary.csv gets each row appended as its case ends.
+REBUILD_SECONDS = 10.0
+REBUILD_SHARE = 0.05
+#: What a run keeps of each fixed image (preprocessed, and for qc.png), for the last few fixed images only: a folder
+#: has one, a pairs CSV may name one per row, and memory must not grow with the number of pairs.
+FIXED_IMAGES_KEPT = 4
 
 
 def extra_output_names(paths) -> list[str]:
@@ -198,6 +215,11 @@ class RegistrationWriter:
         self.rank, self.world_size = 0, 1
         self.lock = RunLock(output_dir)
         self.summary_problem: str | None = None
+        # the rows file as written (the last row of each name), and when it was last written as a whole, how fast
+        self.rows_in_file: dict[str, dict] = {}
+        self.last_rebuild, self.rebuild_seconds = -math.inf, 0.0
+        # qc.png's fixed-image part, once per fixed image (the last few kept)
+        self.edges_figure = functools.lru_cache(maxsize=FIXED_IMAGES_KEPT)(lambda path: EdgesFigure(nib.load(path)))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._load_summary)
@@ -226,7 +248,7 @@ class RegistrationWriter:
         """On rank 0 (or alone): take the output folder (:class:`scripts.output_folder.RunLock`), clean what a
         killed run left and read the earlier rows; the other ranks receive the rows, or the refusal, from rank 0."""
         self.rank, self.world_size = process_group()
-        self.counts, self.run_rows = {}, {}
+        self.counts, self.run_rows, self.rows_in_file = {}, {}, {}
         problem, rows = None, self.rows
         if self.rank == 0:
             try:
@@ -243,7 +265,9 @@ class RegistrationWriter:
 
     def _take_folder(self) -> dict[str, dict]:
         """Lock the output folder, remove what a killed run left and return the earlier rows: ``summary.csv``'s,
-        updated by the row files of a killed multi-process job (written into the summary at once, then removed)."""
+        updated by the row files of a killed multi-process job. An earlier summary is written again at once (the
+        row files merged into it and removed; a spreadsheet's encoding and separators made the run's own; a case's
+        replaced rows dropped), so that this run can append its rows to it."""
         os.makedirs(self.output_dir, exist_ok=True)
         self.lock.acquire()
         remove_leftovers(self.output_dir)
@@ -251,7 +275,7 @@ class RegistrationWriter:
         unmerged = rank_rows_files(self.output_dir)
         for path in unmerged:
             rows.update(read_summary_rows(path))
-        if unmerged:
+        if unmerged or os.path.exists(self.summary_path):
             self.rows = rows
             self._write_merged_summary()
         return rows
@@ -267,35 +291,63 @@ class RegistrationWriter:
         output = engine.state.output
         row = {key: output.get(key, "") for key in self.summary_columns}
         if output["status"] == "skipped":
-            row = self.rows.get(output["name"], row)
+            row = dict(self.rows.get(output["name"], row))
         elif output["status"] == "ok":
             moving_path = source_path(output["moving"])
             try:
                 row.update(self._write_case(output))
             except Exception as error:  # one case must never stop the folder
+                if worker_died(error):
+                    raise
                 logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
                 row.update(status="error", message=message_naming(error, moving_path))
             row["seconds"] = time.perf_counter() - output["start"]
         row["seconds"] = format_seconds(row.get("seconds"))
-        self.rows[output["name"]] = self.run_rows[output["name"]] = row
+        name = output["name"]
+        unchanged = self.rows_in_file.get(name) == row  # a skipped case's earlier row, already in the file
+        self.rows[name] = self.run_rows[name] = row
         status = "skipped" if output["status"] == "skipped" else row["status"]
         self.counts[status] = self.counts.get(status, 0) + 1
         if status == "error":
             logger.error(row["message"])
         elif status in ("suspect", "ok") and row["message"]:  # QC flags, or notes such as an unmatched apply_to
-            logger.warning(f"{output['name']}: {row['message']}")
-        self._try_write_summary()
+            logger.warning(f"{name}: {row['message']}")
+        if not unchanged:
+            self._try_write_summary(appended=row)
 
-    def _try_write_summary(self) -> None:
-        """Write the summary; when the folder stops taking files (read-only, full), keep the rows in memory, warn
-        once, and let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
+    def _rebuild_due(self) -> bool:
+        """Whether rank 0 (or a single process) rebuilds ``index.html`` and ``summary.csv`` as a whole now (see
+        :data:`REBUILD_SECONDS`)."""
+        waited = time.monotonic() - self.last_rebuild
+        return self.rank == 0 and waited >= max(REBUILD_SECONDS, self.rebuild_seconds / REBUILD_SHARE)
+
+    def _try_write_summary(self, appended: dict | None = None) -> None:
+        """Append the row ``appended`` to the rows file (``summary.csv``, or a rank's row file), or write it as a
+        whole when no row is given, when it is due (:meth:`_rebuild_due`, also ``index.html``) or when an earlier
+        write failed. When the folder stops taking files (read-only, full), keep the rows in memory, warn once, and
+        let the other cases go on: :meth:`_report` tries once more and ends the run with one line."""
         try:
-            self._write_summary()
+            if appended is None or self.summary_problem is not None or self._rebuild_due():
+                self._write_summary()
+            else:
+                self._append_row(appended)
             self.summary_problem = None
         except OSError as error:
             if self.summary_problem is None:
                 logger.warning(f"{self.rows_path}: cannot write ({error.strerror or error}); trying on")
             self.summary_problem = error.strerror or str(error)
+
+    def _append_row(self, row: dict) -> None:
+        """Add ``row`` at the end of the rows file (with the header when the file is new). A later row of a name
+        replaces its earlier ones for every reader (:func:`scripts.output_folder.read_summary_rows`); the file is
+        compacted by the next whole write. One short line, flushed at once: a killed run leaves whole rows."""
+        new_file = not os.path.isfile(self.rows_path) or os.path.getsize(self.rows_path) == 0
+        with open(self.rows_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.summary_columns, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        self.rows_in_file[row["name"]] = row
 
     def _write_case(self, output: dict) -> dict:
         """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
@@ -336,7 +388,8 @@ class RegistrationWriter:
             write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))
         scores = qc_scores(registration, fixed, moving)
         title = f"{output['name']}: fixed image edges over the registered image"
-        write_atomically(os.path.join(folder, "qc.png"), lambda p: edges_figure(p, registered, fixed_file, title))
+        edges_figure = self.edges_figure(fixed["image"].meta["filename_or_obj"])
+        write_atomically(os.path.join(folder, "qc.png"), lambda p: edges_figure(p, registered, title))
         write_atomically(os.path.join(folder, "qc_keypoints.png"), lambda p: qc_figure(p, registration, fixed, moving))
         reasons = qc_flags(scores, self.thresholds)
         notes = [f"QC flagged: {'; '.join(reasons)}; check qc.png"] if reasons else []
@@ -392,7 +445,8 @@ class RegistrationWriter:
         save_volume(target, out, fixed_file, dtype)
 
     def _write_summary(self) -> None:
-        """Rank 0 (or alone): ``summary.csv`` and ``index.html`` with every row; another rank: its row file."""
+        """Rank 0 (or alone): ``summary.csv`` and ``index.html`` with every row; another rank: its row file with
+        its own rows."""
 
         def write(path: str, rows) -> None:
             with open(path, "w", newline="") as handle:
@@ -400,11 +454,14 @@ class RegistrationWriter:
                 writer.writeheader()
                 writer.writerows(rows)
 
-        if self.rank > 0:
-            write_atomically(self.rows_path, lambda p: write(p, self.run_rows.values()))
-            return
-        write_atomically(self.summary_path, lambda p: write(p, self.rows.values()))
-        write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
+        start = time.monotonic()
+        rows = self.run_rows if self.rank > 0 else self.rows
+        write_atomically(self.rows_path, lambda p: write(p, rows.values()))
+        self.rows_in_file = dict(rows)
+        if self.rank == 0:
+            write_atomically(self.index_path, lambda p: write_index(p, self.output_dir, self.rows.values()))
+        self.last_rebuild = time.monotonic()
+        self.rebuild_seconds = self.last_rebuild - start
 
     def _gather_ranks(self) -> None:
         """When every rank is done: rank 0 merges the ranks' rows into the earlier ones in the order of the cases
@@ -429,7 +486,7 @@ class RegistrationWriter:
                 self.summary_problem = None
             else:
                 self._write_merged_summary()
-        elif self.summary_problem is not None:
+        else:
             self._try_write_summary()
         self.lock.release()
         engine.state.registration_counts = dict(self.counts)

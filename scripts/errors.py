@@ -41,6 +41,14 @@ class KeyMorphWorkflowError(KeyMorphInputError):
         self.exit_code = exit_code
 
 
+def worker_died(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch's report that a DataLoader worker process died (killed, e.g. by the kernel when
+    memory ran out). PyTorch raises it in the main process from a signal handler, in whatever code runs at that
+    moment: the handlers that turn one case's failure into its error row must let it through, since it is the run's
+    failure, not the case's."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
+
+
 # True while a workflow step runs in a workflow created from Python: `fail` raises instead of exiting.
 _RAISE_INSTEAD_OF_EXIT = contextvars.ContextVar("keymorph_raise_instead_of_exit", default=False)
 

@@ -55,8 +55,8 @@ from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, fit_residual
 from scripts.case_outputs import SUMMARY_COLUMNS, RegistrationWriter, source_path
 from scripts.cli import as_bool, optional
 from scripts.coordinates import affine_of, apply_affine, coarser_grid, grid_around, resample_onto, turned
-from scripts.errors import KeyMorphInputError, fail, message_naming, workflow_step
-from scripts.inference import RegistrationEvaluator, run_registration
+from scripts.errors import KeyMorphInputError, fail, message_naming, worker_died, workflow_step
+from scripts.inference import RegistrationEvaluator, one_line_if_a_worker_dies, run_registration
 from scripts.qc import QC_THRESHOLDS, qc_flags
 from scripts.refinement import refine_affine
 from scripts.registration import GRID_TURNS, Registration, keypoints_world
@@ -410,6 +410,8 @@ class GroupwiseRegistration:
             try:
                 points = self.keypoints(item["image"])
             except Exception as error:  # pass 3 gives the image its error row
+                if worker_died(error):
+                    raise
                 logger.debug("keypoints of %s failed", source_path(item), exc_info=True)
                 self.evaluator.failures[item["name"]] = message_naming(error, source_path(item))
                 continue
@@ -504,7 +506,8 @@ def run_groupwise(registration: GroupwiseRegistration, lock) -> None:
     except KeyMorphInputError as error:
         fail(str(error))
     try:
-        registration.run()
+        with one_line_if_a_worker_dies():
+            registration.run()
     finally:
         lock.release()
 
@@ -572,6 +575,8 @@ class GroupwiseEvaluator(RegistrationEvaluator):
             fixed = self.fixed(item["fixed"])
             matrix = self.refined(fixed, item, case.fixed_to_moving, engine.state.device)
         except Exception as error:
+            if worker_died(error):
+                raise
             logger.debug("registration of %s failed", source_path(item), exc_info=True)
             message = message_naming(error, source_path(item))
             return {"name": item["name"], "status": "error", "message": message, "seconds": 0.0, "in_template": "no"}

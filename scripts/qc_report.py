@@ -59,27 +59,35 @@ LINKED_FILES = (
 )
 
 
-def edges_figure(path: str, registered: np.ndarray | torch.Tensor, fixed: nib.Nifti1Image, title: str = "") -> None:
-    """Write ``qc.png``: ``registered`` ``(X, Y, Z)`` (on the grid of ``fixed``) in grey, three orthogonal slices
-    through the fixed image's centre of intensity, with the edges of ``fixed`` in red."""
-    from nilearn import plotting  # imported here: nilearn's plotting module takes a second to import
+class EdgesFigure:
+    """Writes ``qc.png`` of the cases registered to one fixed image (a ``nibabel`` image): the fixed image's voxels
+    and the point the slices go through (its centre of intensity) are read and computed once, not per case."""
 
-    data = registered.detach().cpu().numpy() if isinstance(registered, torch.Tensor) else np.asarray(registered)
-    registered_image = nib.Nifti1Image(data.astype(np.float32), fixed.affine)
-    fixed_data = np.nan_to_num(np.asarray(fixed.dataobj, dtype=np.float32))
-    if fixed_data.ndim == 4:
-        fixed_data = fixed_data[..., 0]
-    fixed_image = nib.Nifti1Image(fixed_data, fixed.affine)
-    display = plotting.plot_anat(
-        registered_image,
-        cut_coords=_centre_of_intensity(fixed_data, fixed.affine),
-        title=title or None,
-        draw_cross=False,
-        dim=0,
-    )
-    display.add_edges(fixed_image, color="r")
-    display.savefig(path, dpi=80)
-    display.close()
+    def __init__(self, fixed: nib.Nifti1Image):
+        fixed_data = np.nan_to_num(np.asarray(fixed.dataobj, dtype=np.float32))
+        if fixed_data.ndim == 4:
+            fixed_data = fixed_data[..., 0]
+        self.fixed = nib.Nifti1Image(fixed_data, fixed.affine)
+        self.cut_coords = _centre_of_intensity(fixed_data, fixed.affine)
+
+    def __call__(self, path: str, registered: np.ndarray | torch.Tensor, title: str = "") -> None:
+        """Write ``qc.png``: ``registered`` ``(X, Y, Z)`` (on the fixed grid) in grey, three orthogonal slices
+        through the fixed image's centre of intensity, with the fixed image's edges in red."""
+        from nilearn import plotting  # imported here: nilearn's plotting module takes a second to import
+
+        data = registered.detach().cpu().numpy() if isinstance(registered, torch.Tensor) else np.asarray(registered)
+        registered_image = nib.Nifti1Image(data.astype(np.float32), self.fixed.affine)
+        display = plotting.plot_anat(
+            registered_image, cut_coords=self.cut_coords, title=title or None, draw_cross=False, dim=0
+        )
+        display.add_edges(self.fixed, color="r")
+        display.savefig(path, dpi=80)
+        display.close()
+
+
+def edges_figure(path: str, registered: np.ndarray | torch.Tensor, fixed: nib.Nifti1Image, title: str = "") -> None:
+    """Write the ``qc.png`` of :class:`EdgesFigure` for one case."""
+    EdgesFigure(fixed)(path, registered, title)
 
 
 def _centre_of_intensity(data: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:

@@ -23,7 +23,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
-import torch
 import yaml
 
 from scripts.api import INFERENCE_CONFIG, inference_workflow, run_workflow
@@ -39,6 +38,7 @@ FROM_ARGUMENTS = {
     "output_dir": "-o/--output_dir",
     "fixed_image": "FIXED",
     "pairs_csv": "MOVING (a .csv file)",
+    "num_threads": "--threads",
 }
 #: Options for the other user settings of configs/inference.yaml: help text and choices (None: any value).
 OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
@@ -65,6 +65,7 @@ OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
     "search_turns": ("also try the network grid turned by 180 degrees about each axis when the fit is poor", None),
     "turn_search_above_mm": ("keypoint residual (mm) above which the turns are tried (0: always)", None),
     "refine_iterations": ("steps of mutual-information refinement after the keypoint fit (0: none)", None),
+    "num_workers": ("processes preparing the next images while one is registered (0: none, one after another)", None),
     "qc_min_similarity": ("QC: 'suspect' below this normalized mutual information", None),
     "qc_max_residual_mm": ("QC: 'suspect' above this keypoint residual (mm)", None),
     "qc_max_brain_fill": ("QC: 'suspect' when the moving brain mask fills more of its image", None),
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUFFIX",
         help="MOVING is a BIDS-like tree: register sub-*/[ses-*/]anat/*_SUFFIX.nii[.gz] (e.g. T1w, T2w, FLAIR)",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, all cores)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per process (default: the cores shared among the run's processes)"
+    )
     for name, (text, choices) in OPTIONS.items():
         default = defaults[name]
         shown = "" if isinstance(default, str) and default.startswith("$") else f" (default: {default})"
@@ -210,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             fail(f"--threads {args.threads}: must be at least 1")
-        torch.set_num_threads(args.threads)
+        settings["num_threads"] = args.threads
     try:
         output_dir = os.path.abspath(args.output_dir)
         # the found inputs' CSV stays out of OUT: a wrong setting leaves nothing behind

@@ -153,6 +153,8 @@ def check_inference_settings(
     head_pose=True,
     refine_iterations: int = 0,
     turn_search_above_mm: float = 0.0,
+    num_workers: int = 0,
+    num_threads: int | None = None,
     bundle_root: str | None = None,
     network=None,
     spatial_size: int = 96,
@@ -169,11 +171,11 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``, network
-    and grid sizes, device, QC thresholds, ``mask_dir``); the inputs (``dataset_dir`` with images, or a readable
-    ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad fixed image is an error of its rows;
-    ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed image is the template it makes); the
-    output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
+    ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``,
+    ``num_workers``, ``num_threads``, network and grid sizes, device, QC thresholds, ``mask_dir``); the inputs
+    (``dataset_dir`` with images, or a readable ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad
+    fixed image is an error of its rows; ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed
+    image is the template it makes); the output folder (created, and written to); the weights (present, readable, the sha256 of ``large_files.yml`` when
     ``ckpt_path`` is the file it lists and ``hash_val`` is set, and, given ``network``, loadable into it); the
     brain-mask network's weights ``brain_mask_weights`` in the same way when a skull-strip backend is ``bundle``.
 
@@ -208,6 +210,8 @@ def check_inference_settings(
     problem = (
         _number_problem("refine_iterations", refine_iterations, 0, integer=True)
         or _number_problem("turn_search_above_mm", turn_search_above_mm, 0)
+        or _number_problem("num_workers", num_workers, 0, integer=True)
+        or (optional(num_threads) is not None and _number_problem("num_threads", num_threads, 1, integer=True))
         or _number_problem("spatial_size", spatial_size, 16, integer=True)
         or _number_problem("spacing", spacing)
         or _number_problem("num_keypoints", num_keypoints, 4, integer=True)

@@ -466,6 +466,8 @@ def test_valid_settings_pass_and_create_the_output_folder(settings):
         ({"spatial_size": 40}, ["--spatial_size 40", "multiple of 16"]),
         ({"spacing": -1.0}, ["--spacing"]),
         ({"num_keypoints": 0}, ["--num_keypoints 0"]),
+        ({"num_workers": -1}, ["--num_workers -1", "at least 0"]),
+        ({"num_threads": "many"}, ["--num_threads 'many'", "not an integer"]),
         ({"network_channels": [8, 8]}, ["--network_channels [8, 8]", "four positive integers"]),
         ({"device": "gpu"}, ["--device 'gpu'"]),
         ({"qc_thresholds": {"qc_max_brain_fill": "high"}}, ["--qc_max_brain_fill"]),
