@@ -5,7 +5,7 @@ Usage (from the bundle root)::
     python benchmarks/pose_robustness.py --label_maps_dir ../shared/data/label_maps \\
         --subjects training_seg_13 training_seg_14 training_seg_15 training_seg_16 --output_dir docs/benchmark/pose \\
         [--angles 0 45 90 135 180] [--spacing 1.0] [--work_dir DIR] [--setting KEY=VALUE ...] [--mask_only]
-        [--mask_methods bundle deepbet deepbet+pose] [--report_only]
+        [--mask_methods bundle deepbet deepbet+pose] [--brain_mask_weights PATH] [--report_only]
 
 Images
 ------
@@ -254,12 +254,14 @@ MASK_METHODS = {
 }
 
 
-def mask_scores(cases: list[dict], methods=tuple(MASK_METHODS)) -> list[dict]:
-    """Brain-mask Dice and seconds of each moving image with each of ``methods`` (keys of :data:`MASK_METHODS`)."""
+def mask_scores(cases: list[dict], methods=tuple(MASK_METHODS), brain_mask_weights: str | None = None) -> list[dict]:
+    """Brain-mask Dice and seconds of each moving image with each of ``methods`` (keys of :data:`MASK_METHODS`);
+    ``brain_mask_weights``: the weights of ``bundle`` (default: the bundle's ``models/brain_mask.pt``)."""
     from scripts.image_io import load_volume
-    from scripts.skull_strip import SkullStripd
+    from scripts.skull_strip import BRAIN_MASK_WEIGHTS, SkullStripd
 
-    strippers = {method: SkullStripd(**MASK_METHODS[method]) for method in methods}
+    weights = brain_mask_weights or BRAIN_MASK_WEIGHTS
+    strippers = {method: SkullStripd(**MASK_METHODS[method], weights=weights) for method in methods}
     rows, seen = [], set()
     for case in cases:
         if case["moving"] in seen or case["condition"] != "full":
@@ -399,6 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", action="append", default=[], help="KEY=VALUE override of inference.yaml")
     parser.add_argument("--mask_only", action="store_true", help="only the brain-extraction table")
     parser.add_argument("--mask_methods", nargs="+", choices=list(MASK_METHODS), default=list(MASK_METHODS))
+    parser.add_argument("--brain_mask_weights", default=None, help="weights of --mask_methods bundle (a checkpoint)")
     parser.add_argument(
         "--report_only", action="store_true", help="rewrite summary.md from the csv files in --output_dir; no run"
     )
@@ -423,7 +426,7 @@ def main(argv=None) -> int:
         run_inference(cases, args.work_dir, args.setting)
         rows = score(cases, args.work_dir)
         _write_csv(os.path.join(args.output_dir, "cases.csv"), rows)
-    mask_rows = mask_scores(cases, args.mask_methods)
+    mask_rows = mask_scores(cases, args.mask_methods, args.brain_mask_weights)
     _write_csv(os.path.join(args.output_dir, "mask_dice.csv"), mask_rows)
     return _report(args.output_dir, rows, mask_rows, args.setting)
 

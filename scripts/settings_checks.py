@@ -258,10 +258,18 @@ def check_inference_settings(
     if problem:
         fail(problem)
     problem = weights_problem(ckpt_path, bundle_root, network)
-    if "bundle" in (skull_strip, fixed_skull_strip):
-        problem = problem or weights_problem(os.fspath(brain_mask_weights or BRAIN_MASK_WEIGHTS), bundle_root)
     if problem:
         fail(problem)
+    if "bundle" in (skull_strip, fixed_skull_strip):
+        brain_mask_weights = os.fspath(brain_mask_weights or BRAIN_MASK_WEIGHTS)
+        if not os.path.isfile(brain_mask_weights):
+            fail(
+                f"{brain_mask_weights}: brain-mask network weights not found (--skull_strip bundle); train them with"
+                " configs/train_brain_mask.yaml, or use --skull_strip deepbet"
+            )
+        problem = weights_problem(brain_mask_weights, bundle_root)
+        if problem:
+            fail(problem)
 
 
 @workflow_step
