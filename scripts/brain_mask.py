@@ -11,12 +11,15 @@ labels 1..499, cerebrospinal fluid included, as the benchmarks score it.
 
 Grid
 ----
-The network sees the image resampled (trilinear, 0 outside its field of view) onto the world-aligned RAS grid of
-:data:`NETWORK_SPACING_MM` that covers the image's whole field of view, grown to a multiple of
-:data:`SHAPE_MULTIPLE` voxels per axis (four halvings in the U-Net). Finer images are box-averaged to about that
-spacing first, so the 2 mm samples do not alias. Intensities are mapped to ``[0, 1]`` between the 0.5th and 99.5th
-percentiles, as the synthesis does. The brain probability comes back onto the image's own grid through world
-coordinates (trilinear), is thresholded at 0.5, and the largest connected component, holes filled, is the mask.
+The image is box-averaged to about :data:`NETWORK_SPACING_MM` (so the 2 mm samples do not alias) and its
+intensities are mapped to ``[0, 1]`` between the 0.5th and 99.5th percentiles, as the synthesis does. The network
+sees it resampled (trilinear, 0 outside its field of view) onto the world-aligned RAS grid of
+:data:`NETWORK_SPACING_MM` that covers the head, :data:`HEAD_MARGIN_MM` beyond its foreground, grown to a multiple of
+:data:`SHAPE_MULTIPLE` voxels per axis (four halvings in the U-Net): a head turned in its header has a field of view
+up to twice as wide as the head along each world axis, and the network's time grows with the grid's volume. On that
+grid the probability is thresholded at 0.5 and the largest connected component, holes filled, is kept; the kept
+probability comes back onto the image's own grid through world coordinates (trilinear, only over the brain's box)
+and is thresholded at 0.5 again, so the mask's edge is as smooth as the probability, not 2 mm steps.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 from monai.networks.nets import UNet
 from scipy import ndimage
 
-from scripts.coordinates import covering_grid_along, resample_onto
-from scripts.head_pose import box_average
+from scripts.coordinates import apply_affine, covering_grid_along, grid_around, resample_onto, world_to_voxel
+from scripts.head_pose import box_average, foreground
 
 #: Voxel size (mm) of the grid the network works on.
 NETWORK_SPACING_MM = 2.0
@@ -35,6 +38,8 @@ NETWORK_SPACING_MM = 2.0
 SHAPE_MULTIPLE = 16
 #: Percentiles mapped to 0 and 1 (those of :class:`scripts.synthesis.SynthesizeImaged`).
 PERCENTILES = (0.5, 99.5)
+#: Background (mm) the network grid keeps around the head's foreground.
+HEAD_MARGIN_MM = 16.0
 _PERCENTILE_SAMPLES = 2**19
 
 
@@ -65,11 +70,30 @@ def network_grid(affine: torch.Tensor, spatial_shape) -> tuple[torch.Tensor, lis
     """The network's world-aligned grid for an image: :data:`NETWORK_SPACING_MM` voxels covering its field of view
     (``affine`` ``(4, 4)`` voxel-to-world, ``spatial_shape`` its 3 sizes), padded evenly on both sides of each axis
     to a multiple of :data:`SHAPE_MULTIPLE`. Returns the ``(4, 4)`` float64 voxel-to-world matrix and the shape."""
-    grid, shape = covering_grid_along(torch.eye(3, dtype=torch.float64), affine, spatial_shape, NETWORK_SPACING_MM)
+    eye = torch.eye(3, dtype=torch.float64)
+    return padded_to_multiple(*covering_grid_along(eye, affine, spatial_shape, NETWORK_SPACING_MM))
+
+
+def padded_to_multiple(grid: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """A grid (``(4, 4)`` voxel-to-world, its shape) grown evenly on both sides of each axis to a multiple of
+    :data:`SHAPE_MULTIPLE` voxels; the new matrix and shape."""
     padded = [-(-size // SHAPE_MULTIPLE) * SHAPE_MULTIPLE for size in shape]
     before = torch.tensor([(p - s) / 2 for p, s in zip(padded, shape)], dtype=torch.float64)
+    grid = grid.clone()
     grid[:3, 3] -= grid[:3, :3] @ before
     return grid, padded
+
+
+def head_grid(coarse: torch.Tensor, coarse_affine: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The network grid (as :func:`network_grid`) of the head in a box-averaged image ``(D, H, W)``: its
+    :func:`scripts.head_pose.foreground`'s largest connected component and :data:`HEAD_MARGIN_MM` around it
+    (the whole field of view if nothing stands out from the background)."""
+    head = torch.from_numpy(largest_component_filled(foreground(coarse).numpy()))
+    voxels = torch.nonzero(head).to(torch.float64)
+    if len(voxels) == 0:
+        return network_grid(coarse_affine, coarse.shape)
+    points = apply_affine(coarse_affine, voxels)
+    return padded_to_multiple(*grid_around(points, NETWORK_SPACING_MM, margin_mm=HEAD_MARGIN_MM))
 
 
 def largest_component_filled(mask: np.ndarray) -> np.ndarray:
@@ -83,22 +107,52 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def brain_probability(network: torch.nn.Module, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """The network's brain probability ``(D, H, W)`` in ``[0, 1]`` on the grid of ``image`` ``(D, H, W)`` (any
-    intensity unit; ``affine`` its ``(4, 4)`` voxel-to-world matrix in RAS mm)."""
+def brain_probability(
+    network: torch.nn.Module, image: torch.Tensor, affine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's brain probability in ``[0, 1]`` for ``image`` ``(D, H, W)`` (any intensity unit; ``affine``
+    its ``(4, 4)`` voxel-to-world matrix in RAS mm), on the network grid of :func:`head_grid`: returns the
+    probability ``(X, Y, Z)`` and the grid's ``(4, 4)`` float64 voxel-to-world matrix."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
-    coarse, coarse_affine = box_average(unit_range(image), affine, NETWORK_SPACING_MM)
-    grid, shape = network_grid(affine, image.shape)
-    identity = torch.eye(4, dtype=torch.float64)
+    coarse, coarse_affine = box_average(image, affine, NETWORK_SPACING_MM)
+    coarse = unit_range(coarse)
+    grid, shape = head_grid(coarse, coarse_affine)
+    on_grid = resample_onto(coarse[None], coarse_affine, grid, shape, torch.eye(4, dtype=torch.float64))
     device = next(network.parameters()).device
-    on_grid = resample_onto(coarse[None], coarse_affine, grid, shape, identity)
     network.eval()
-    probability = torch.sigmoid(network(on_grid[None].to(device))[0].float().cpu())
-    return resample_onto(probability, grid, affine, image.shape, identity)[0]
+    return torch.sigmoid(network(on_grid[None].to(device))[0, 0].float().cpu()), grid
+
+
+def kept_probability(probability: torch.Tensor) -> torch.Tensor:
+    """``probability`` ``(X, Y, Z)`` with only the largest component above 0.5 left above it: other components
+    are clamped to 0.5 and the kept component's holes set to 1, so thresholding it (or its trilinear
+    interpolation) at 0.5 gives that component, holes filled, with the probability's own edge."""
+    kept = torch.from_numpy(largest_component_filled((probability > 0.5).numpy()))
+    return torch.where(kept, torch.where(probability > 0.5, probability, 1.0), probability.clamp(max=0.5))
 
 
 def predict_brain_mask(network: torch.nn.Module, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Boolean brain mask ``(D, H, W)`` of ``image`` ``(D, H, W)`` on its own grid: :func:`brain_probability`
-    above 0.5, the largest connected component with its holes filled."""
-    probability = brain_probability(network, image, affine)
-    return torch.from_numpy(largest_component_filled((probability > 0.5).numpy()))
+    """Boolean brain mask ``(D, H, W)`` of ``image`` ``(D, H, W)`` on its own grid: :func:`brain_probability`'s
+    largest component above 0.5, holes filled (:func:`kept_probability`), brought back through world coordinates
+    over the box of the image's voxels it can reach and thresholded at 0.5."""
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    probability, grid = brain_probability(network, image, affine)
+    probability = kept_probability(probability)
+    mask = torch.zeros(image.shape, dtype=torch.bool)
+    brain = torch.nonzero(probability > 0.5).to(torch.float64)
+    if len(brain) == 0:
+        return mask
+    # The brain's 2 mm voxels, one voxel out (trilinear reaches that far), in the image's voxel indices.
+    cube = torch.tensor([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=torch.float64)
+    reach = world_to_voxel(affine, apply_affine(grid, (brain[:, None] + cube).reshape(-1, 3)))
+    size = torch.tensor(image.shape)
+    low = reach.min(0).values.floor().long().clamp(min=0).minimum(size)
+    high = (reach.max(0).values.ceil().long() + 1).clamp(min=0).minimum(size)
+    if (high <= low).any():
+        return mask
+    box = affine.clone()
+    box[:3, 3] = apply_affine(affine, low[None].to(torch.float64))[0]
+    box_shape = [int(n) for n in high - low]
+    back = resample_onto(probability[None], grid, box, box_shape, torch.eye(4, dtype=torch.float64))[0]
+    mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = back > 0.5
+    return mask

@@ -19,9 +19,12 @@ import torch
 from synthetic_heads import head_label_map, write_label_maps_dir
 
 from scripts.brain_mask import (
+    HEAD_MARGIN_MM,
     NETWORK_SPACING_MM,
     SHAPE_MULTIPLE,
     brain_probability,
+    head_grid,
+    kept_probability,
     largest_component_filled,
     network_grid,
     predict_brain_mask,
@@ -71,6 +74,35 @@ def test_network_grid_is_world_aligned_covers_the_image_and_is_a_multiple_of_16(
     assert float((centre - grid_centre).abs().max()) <= NETWORK_SPACING_MM / 2 + 1e-6
 
 
+def test_head_grid_holds_the_head_and_its_margin_not_the_empty_field_of_view():
+    """A 40 mm ball in a 200 mm field of view turned 45 degrees: the grid spans the ball and the margin."""
+    affine = misalignment(45, [0.0, 0.6, 0.8], np.ones(3), np.zeros(3), np.zeros(3))
+    affine = affine @ torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    affine[:3, 3] -= affine[:3, :3] @ torch.tensor([49.5, 49.5, 49.5], dtype=torch.float64)
+    image, _ = ball_image(affine, (100, 100, 100), centre=[30.0, -20.0, 10.0], radius=20.0)
+    image[image < 1] = 0.0
+    grid, shape = head_grid(image, affine)
+    assert all(size % SHAPE_MULTIPLE == 0 for size in shape)
+    low = apply_affine(grid, torch.zeros(1, 3, dtype=torch.float64))[0]
+    high = apply_affine(grid, torch.tensor(shape, dtype=torch.float64)[None] - 1)[0]
+    ball_low, ball_high = torch.tensor([10.0, -40.0, -10.0]), torch.tensor([50.0, 0.0, 30.0])
+    assert bool((low <= ball_low - HEAD_MARGIN_MM + 2).all()) and bool((high >= ball_high + HEAD_MARGIN_MM - 2).all())
+    assert max(shape) * NETWORK_SPACING_MM <= 40 + 2 * HEAD_MARGIN_MM + 2 * SHAPE_MULTIPLE * NETWORK_SPACING_MM
+    empty_grid, empty_shape = head_grid(torch.zeros(100, 100, 100), affine)
+    assert empty_shape == network_grid(affine, (100, 100, 100))[1]
+
+
+def test_kept_probability_keeps_the_largest_blob_fills_its_holes_and_keeps_its_edge():
+    probability = torch.full((20, 20, 20), 0.1)
+    probability[2:12, 2:12, 2:12] = 0.9
+    probability[2, 2:12, 2:12] = 0.7  # the edge of the kept blob keeps its value
+    probability[6, 6, 6] = 0.2  # a hole
+    probability[15:18, 15:18, 15:18] = 0.8  # a smaller island
+    kept = kept_probability(probability)
+    assert float(kept[6, 6, 6]) > 0.5 and float(kept[16, 16, 16]) <= 0.5 and int((kept > 0.5).sum()) == 1000
+    assert float(kept[2, 5, 5]) == pytest.approx(0.7) and float(kept[0, 0, 0]) == pytest.approx(0.1)
+
+
 def test_unit_range_maps_the_percentiles_to_0_and_1_and_ignores_nan():
     image = torch.linspace(-100, 900, 100_001)
     image[0] = float("nan")
@@ -100,10 +132,9 @@ def test_mask_comes_back_onto_an_oblique_anisotropic_grid_through_world_coordina
     mask = predict_brain_mask(Threshold(), image * 300.0, affine)
     dice = float(2 * (mask & ball).sum() / (mask.sum() + ball.sum()))
     assert mask.shape == ball.shape and dice > 0.95, dice
-    probability = brain_probability(Threshold(), image, affine)
-    assert (
-        probability.shape == image.shape and -1e-6 <= float(probability.min()) <= float(probability.max()) <= 1.0 + 1e-6
-    )
+    probability, grid = brain_probability(Threshold(), image, affine)
+    assert torch.allclose(grid[:3, :3], NETWORK_SPACING_MM * torch.eye(3, dtype=torch.float64))
+    assert 0.0 <= float(probability.min()) <= float(probability.max()) <= 1.0
 
 
 @pytest.fixture(scope="module")
