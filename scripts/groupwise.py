@@ -156,6 +156,20 @@ def generalised_procrustes(
     return with_mean_orientation(mean, fit_to_mean(mean, points, aligner)), iteration
 
 
+def repinned(refined: torch.Tensor, keypoint_solution: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
+    """Refined group-to-image matrices ``(N, 4, 4)`` moved, all by one group-space transform, back into the group
+    space of the keypoint solutions ``(N, 4, 4)``: afterwards the corrections the refinement made to the included
+    images' (``(N,)`` bool) keypoint solutions, ``refined_i^-1 keypoint_solution_i`` (group space to group space),
+    average to the identity. A refinement round can then move each image against the others but not the group space
+    as a whole, so the space the Procrustes fit pinned to the images' average position, size and orientation neither
+    drifts nor shrinks from round to round, as template builders re-centre the template on the mean transform."""
+    refined, keypoint_solution = refined.to(torch.float64), keypoint_solution.to(torch.float64)
+    if not bool(included.any()):  # every refinement failed: nothing to average
+        return refined
+    corrections = torch.linalg.inv(refined[included]) @ keypoint_solution[included]
+    return refined @ corrections.mean(0)
+
+
 @dataclass
 class GroupFit:
     """The group space of :func:`fit_group`.
@@ -267,7 +281,9 @@ def pairwise_consistency_mm(
 
 
 @workflow_step
-def check_groupwise_settings(pairs_csv, template_spacing, template_margin_mm, tolerance_mm, max_iterations) -> None:
+def check_groupwise_settings(
+    pairs_csv, template_spacing, template_margin_mm, tolerance_mm, max_iterations, template_iterations=1
+) -> None:
     """The settings only a groupwise run has, checked before any work; exits (:func:`fail`, code 2) with one line."""
     if optional(pairs_csv) is not None:
         fail(f"--pairs_csv {pairs_csv}: a groupwise run registers a folder (--dataset_dir) to its own mean, not pairs")
@@ -276,6 +292,7 @@ def check_groupwise_settings(pairs_csv, template_spacing, template_margin_mm, to
         or _number_problem("template_margin_mm", template_margin_mm, 0)
         or _number_problem("procrustes_tolerance_mm", tolerance_mm)
         or _number_problem("procrustes_max_iterations", max_iterations, 1, integer=True)
+        or _number_problem("template_iterations", template_iterations, 0, integer=True)
     )
     if problem:
         fail(problem)
@@ -348,6 +365,11 @@ class GroupwiseRegistration:
             template and is only scored in pass 3).
         template_spacing: mm of the template grid; template_margin_mm: room around the mapped brains.
         tolerance_mm, max_iterations: of the Procrustes fit.
+        refine_iterations: steps of each mutual-information refinement (:func:`scripts.refinement.refine_affine`,
+            as inference refines); 0 keeps the keypoint solutions and makes no template round.
+        template_iterations: rounds of refining every image against the template, re-pinning the group space
+            (:func:`repinned`) and rebuilding the template from the refined transforms; 0 keeps the keypoint
+            solutions.
     """
 
     def __init__(
@@ -366,6 +388,8 @@ class GroupwiseRegistration:
         template_margin_mm: float = 10.0,
         tolerance_mm: float = 0.01,
         max_iterations: int = 20,
+        refine_iterations: int = 60,
+        template_iterations: int = 1,
     ):
         if aligner not in MATRIX_ALIGNERS:
             raise KeyMorphInputError(f"--aligner {aligner!r}: groupwise needs one of {', '.join(MATRIX_ALIGNERS)}")
@@ -376,6 +400,7 @@ class GroupwiseRegistration:
         self.thresholds = {**QC_THRESHOLDS, **{k: float(v) for k, v in (qc_thresholds or {}).items()}}
         self.template_spacing, self.template_margin_mm = float(template_spacing), float(template_margin_mm)
         self.tolerance_mm, self.max_iterations = float(tolerance_mm), int(max_iterations)
+        self.refine_iterations, self.template_iterations = int(refine_iterations), int(template_iterations)
 
     @property
     def template_path(self) -> str:
@@ -467,9 +492,51 @@ class GroupwiseRegistration:
             image.header.set_xyzt_units("mm")
             write_atomically(path, lambda p, img=image: nib.save(img, p))
 
+    def refined(self, template: dict, item: dict, fixed_to_moving: torch.Tensor) -> torch.Tensor:
+        """The ``(4, 4)`` group-to-image matrix after ``refine_iterations`` steps of mutual-information refinement
+        from ``fixed_to_moving``, on the network grids of the template (``template``: ``image`` and ``mask``) and of
+        the image (``item``)."""
+        return refine_affine(
+            template["image"].as_tensor().to(self.device),
+            affine_of(template["image"]).to(self.device),
+            template["mask"].as_tensor().to(self.device),
+            item["image"].as_tensor().to(self.device),
+            affine_of(item["image"]).to(self.device),
+            fixed_to_moving.to(self.device),
+            self.refine_iterations,
+        ).cpu()
+
+    def refine_round(self, members: list[GroupMember], group: GroupFit) -> torch.Tensor:
+        """One template round's registrations: every image's group-to-image matrix refined against the current
+        template, starting from its current one (``group.fixed_to_moving``); returns them ``(N, 4, 4)``, not yet
+        re-pinned. An image whose refinement fails keeps its matrix, leaves the mean and gets an error row (its
+        message in the evaluator's ``failures``); one that cannot be read this time keeps its matrix (the last pass
+        gives it its error row)."""
+        template = self.evaluator.fixed_preprocessing({"image": self.template_path})
+        index = {m.name: i for i, m in enumerate(members)}
+        matrices = group.fixed_to_moving.clone()
+        for item in self._items():
+            number = index.get(item["name"]) if "error" not in item and not item.get("skipped") else None
+            if number is None or item["name"] in self.evaluator.failures:
+                continue
+            try:
+                matrices[number] = self.refined(template, item, matrices[number])
+            except Exception as error:
+                if worker_died(error):
+                    raise
+                logger.debug("refinement of %s failed", source_path(item), exc_info=True)
+                self.evaluator.failures[item["name"]] = message_naming(error, source_path(item))
+                group.included[number] = False
+        return matrices
+
+    def passes(self) -> int:
+        """How many times the folder is read: keypoints, template, two per template round, the case outputs."""
+        return 3 + 2 * (self.template_iterations if self.refine_iterations else 0)
+
     def run(self) -> None:
-        """The three passes (see the module docstring); the exit code is that of :func:`run_registration`."""
-        logger.info(f"groupwise pass 1 of 3: the keypoints of {len(self.dataloader.dataset)} input(s)")
+        """The passes of the module docstring; the exit code is that of :func:`run_registration`."""
+        passes = self.passes()
+        logger.info(f"groupwise pass 1 of {passes}: the keypoints of {len(self.dataloader.dataset)} input(s)")
         members = self.collect()
         if members:
             group = self.fit(members)
@@ -480,8 +547,15 @@ class GroupwiseRegistration:
             left_out = [m.name for m, keep in zip(members, group.included) if not keep]
             if left_out:
                 logger.warning(f"left out of the group mean and the template (suspect): {', '.join(left_out)}")
-            logger.info(f"groupwise pass 2 of 3: the template, {self.template_path}")
+            logger.info(f"groupwise pass 2 of {passes}: the template of the keypoint solutions, {self.template_path}")
             self.build_template(members, group)
+            keypoint_solution = group.fixed_to_moving
+            for round_ in range(1, (passes - 3) // 2 + 1):
+                logger.info(f"groupwise pass {2 * round_ + 1} of {passes}: each image refined against the template")
+                refined = self.refine_round(members, group)
+                group.fixed_to_moving = repinned(refined, keypoint_solution, group.included)
+                logger.info(f"groupwise pass {2 * round_ + 2} of {passes}: the template of the refined transforms")
+                self.build_template(members, group)
             self.evaluator.group = {
                 m.name: GroupCase(
                     group.fixed_to_moving[i],
@@ -491,8 +565,9 @@ class GroupwiseRegistration:
                     bool(group.included[i]),
                 )
                 for i, m in enumerate(members)
+                if m.name not in self.evaluator.failures
             }
-        logger.info("groupwise pass 3 of 3: each case registered to the template")
+        logger.info(f"groupwise pass {passes} of {passes}: each case written with its transform to the template")
         run_registration(self.evaluator)
 
 
@@ -526,41 +601,24 @@ class GroupCase:
     residual: float
     in_template: bool
 
-    def registration(self, fixed_to_moving: torch.Tensor | None = None) -> Registration:
-        """This case as a :class:`scripts.registration.Registration` (batch of one), with ``fixed_to_moving`` (the
-        refined matrix) instead of the keypoint solution when given; the residual stays the keypoint fit's."""
-        matrix = self.fixed_to_moving if fixed_to_moving is None else fixed_to_moving
-        return Registration(matrix[None], self.mean[None], self.keypoints[None], torch.tensor([self.residual]))
+    def registration(self) -> Registration:
+        """This case as a :class:`scripts.registration.Registration` (batch of one); the residual is the keypoint
+        fit's, also when ``fixed_to_moving`` was refined."""
+        return Registration(
+            self.fixed_to_moving[None], self.mean[None], self.keypoints[None], torch.tensor([self.residual])
+        )
 
 
 class GroupwiseEvaluator(RegistrationEvaluator):
     """The inference evaluator with the group's transforms instead of a fit per pair: the fixed image of every
     case is the template, and each case's registration is its :class:`GroupCase` (``group``, set by
-    :class:`GroupwiseRegistration` before the run), refined against the template by mutual information as inference
-    refines a keypoint solution (:func:`scripts.refinement.refine_affine`, the inferer's ``refine_iterations``
-    steps; 0 keeps the group's keypoint solution). Outputs carry ``in_template`` ("yes"/"no") for the summary; a
-    case left out of the mean says why in its message."""
+    :class:`GroupwiseRegistration` before the run, with the transform the template was made with). Outputs carry
+    ``in_template`` ("yes"/"no") for the summary; a case left out of the mean says why in its message."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group: dict[str, GroupCase] = {}
         self.failures: dict[str, str] = {}  # why pass 1 found no keypoints, by case name
-
-    def refined(self, fixed: dict, moving: dict, fixed_to_moving: torch.Tensor, device) -> torch.Tensor:
-        """The ``(4, 4)`` group-to-image matrix after the inferer's ``refine_iterations`` steps of mutual-information
-        refinement on the network grids of the template (``fixed``) and the image (``moving``)."""
-        iterations = int(getattr(self.inferer, "refine_iterations", 0))
-        if not iterations:
-            return fixed_to_moving
-        return refine_affine(
-            fixed["image"].as_tensor().to(device),
-            affine_of(fixed["image"]).to(device),
-            fixed["mask"].as_tensor().to(device),
-            moving["image"].as_tensor().to(device),
-            affine_of(moving["image"]).to(device),
-            fixed_to_moving.to(device),
-            iterations,
-        ).cpu()
 
     def _iteration(self, engine, batchdata):
         item = batchdata[0]
@@ -573,7 +631,6 @@ class GroupwiseEvaluator(RegistrationEvaluator):
         start = time.perf_counter() - item.get("seconds", 0.0)
         try:
             fixed = self.fixed(item["fixed"])
-            matrix = self.refined(fixed, item, case.fixed_to_moving, engine.state.device)
         except Exception as error:
             if worker_died(error):
                 raise
@@ -588,7 +645,7 @@ class GroupwiseEvaluator(RegistrationEvaluator):
             "status": "ok",
             "message": "",
             "seconds": 0.0,
-            "registration": case.registration(matrix),
+            "registration": case.registration(),
             "fixed": fixed,
             "moving": item,
             "start": start,
