@@ -285,9 +285,12 @@ def groupwise_run(tmp_path_factory):
         "1000",
         "--template_spacing",
         "2.0",
-        # the keypoint solutions, with which the template is made: registered.nii.gz then averages to it
+        # one template round of a few refinement steps: the template is then made with the refined transforms, the
+        # ones written, and registered.nii.gz averages to it
         "--refine_iterations",
-        "0",
+        "5",
+        "--template_iterations",
+        "1",
         *SMALL_NETWORK,
     )
     return {"process": process, "output": output, "root": root}
@@ -298,7 +301,11 @@ def test_a_groupwise_run_refuses_a_pairs_csv():
         check_groupwise_settings("pairs.csv", 1.0, 10.0, 0.01, 20)
     with pytest.raises(KeyMorphWorkflowError, match="--template_spacing 0: must be positive"):
         check_groupwise_settings(None, 0, 10.0, 0.01, 20)
-    check_groupwise_settings("null", 1.5, 0, 0.01, 1)  # passes
+    with pytest.raises(KeyMorphWorkflowError, match="--template_iterations -1: must be at least 0"):
+        check_groupwise_settings(None, 1.0, 10.0, 0.01, 20, -1)
+    with pytest.raises(KeyMorphWorkflowError, match="--template_iterations 1.5: not an integer"):
+        check_groupwise_settings(None, 1.0, 10.0, 0.01, 20, 1.5)
+    check_groupwise_settings("null", 1.5, 0, 0.01, 1, 0)  # passes
 
 
 def test_a_bad_file_fails_alone_and_the_run_exits_1(groupwise_run):
@@ -306,6 +313,8 @@ def test_a_bad_file_fails_alone_and_the_run_exits_1(groupwise_run):
     assert process.returncode == 1, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
     assert "1 of 5 input(s) failed" in process.stderr
+    # keypoints, template, one round (refinement, template), the case outputs
+    assert "groupwise pass 5 of 5: each case written" in process.stdout + process.stderr
 
 
 def test_every_case_gets_the_inference_outputs(groupwise_run):
