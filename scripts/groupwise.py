@@ -316,7 +316,7 @@ def pairwise_consistency_mm(
 
 @workflow_step
 def check_groupwise_settings(
-    pairs_csv, template_spacing, template_margin_mm, tolerance_mm, max_iterations, template_iterations=1
+    pairs_csv, template_spacing, template_margin_mm, tolerance_mm, max_iterations, template_iterations=2
 ) -> None:
     """The settings only a groupwise run has, checked before any work; exits (:func:`fail`, code 2) with one line."""
     if optional(pairs_csv) is not None:
@@ -335,7 +335,7 @@ def check_groupwise_settings(
             fail(f"--{name} {value!r}: must be positive (mm)")
 
 
-# --- pass 1: keypoints; pass 2: the template -------------------------------------------------------------------
+# --- the passes: keypoints, template, template rounds -----------------------------------------------------------
 
 
 @dataclass
@@ -399,7 +399,7 @@ class GroupwiseRegistration:
         dataloader: the inference dataloader (its dataset preprocesses each image as inference does; items carry
             ``image`` on the network grid, ``original``, ``native_mask``, ``brain_fill``, ``smoothness``).
         network: the keypoint network (weights loaded).
-        evaluator: a :class:`GroupwiseEvaluator` writing the per-case outputs (pass 3).
+        evaluator: a :class:`GroupwiseEvaluator` writing the per-case outputs (the last pass).
         intensity_scaling: a dictionary transform on ``image`` (the inference one: [0, 1] by percentiles) applied to
             each original image before it is averaged into the template.
         output_dir: OUT_DIR; the template files are written there.
@@ -407,7 +407,7 @@ class GroupwiseRegistration:
         search_turns, turn_search_above_mm: as for inference (here: four keypoint sets per image in pass 1, and the
             set kept is the one that fits the group mean best, see :func:`fit_group`).
         qc_thresholds: ``max_residual_mm``, ``max_brain_fill``, ``min_smoothness`` (the similarity needs the
-            template and is only scored in pass 3).
+            template and is only scored in the last pass).
         template_spacing: mm of the template grid; template_margin_mm: room around the mapped brains.
         tolerance_mm, max_iterations: of the Procrustes fit.
         refine_iterations: steps of each mutual-information refinement (:func:`scripts.refinement.refine_affine`,
@@ -434,7 +434,7 @@ class GroupwiseRegistration:
         tolerance_mm: float = 0.01,
         max_iterations: int = 20,
         refine_iterations: int = 60,
-        template_iterations: int = 1,
+        template_iterations: int = 2,
     ):
         if aligner not in MATRIX_ALIGNERS:
             raise KeyMorphInputError(f"--aligner {aligner!r}: groupwise needs one of {', '.join(MATRIX_ALIGNERS)}")
@@ -479,7 +479,7 @@ class GroupwiseRegistration:
                 continue
             try:
                 points = self.keypoints(item["image"])
-            except Exception as error:  # pass 3 gives the image its error row
+            except Exception as error:  # the last pass gives the image its error row
                 if worker_died(error):
                     raise
                 logger.debug("keypoints of %s failed", source_path(item), exc_info=True)
@@ -519,7 +519,7 @@ class GroupwiseRegistration:
         """The name of the image whose contrast the template takes: of the images in the mean, the one with the
         most tissue contrast (:func:`brain_contrast`; in a mixed group, a T1), whatever the order of the folder.
         Mutual information against the template measures alignment by the template's tissues: on held-out subject
-        13's T1, T2 and PD, a template in T1 contrast gave a pairwise consistency error of 0.36 mm after one round,
+        13's T1, T2 and PD, a template in T1 contrast gave a pairwise consistency error of 0.37 mm after one round,
         one in T2 contrast 0.66 mm."""
         contrast = torch.tensor([m.contrast for m in members], dtype=torch.float64)
         return members[int(torch.where(group.included, contrast, torch.full_like(contrast, -1.0)).argmax())].name
@@ -586,8 +586,13 @@ class GroupwiseRegistration:
         template, starting from its current one (``group.fixed_to_moving``); returns them ``(N, 4, 4)``, not yet
         re-pinned. An image whose refinement fails keeps its matrix, leaves the mean and gets an error row (its
         message in the evaluator's ``failures``); one that cannot be read this time keeps its matrix (the last pass
-        gives it its error row)."""
-        template = self.evaluator.fixed_preprocessing({"image": self.template_path})
+        gives it its error row). A template that cannot be prepared leaves every matrix as it is (the last pass gives
+        each case the error)."""
+        try:
+            template = self.evaluator.fixed_preprocessing({"image": self.template_path})
+        except Exception as error:
+            logger.warning(f"the template cannot be refined against: {message_naming(error, self.template_path)}")
+            return group.fixed_to_moving
         index = {m.name: i for i, m in enumerate(members)}
         matrices = group.fixed_to_moving.clone()
         for item in self._items():
@@ -662,7 +667,7 @@ def run_groupwise(registration: GroupwiseRegistration, lock) -> None:
         lock.release()
 
 
-# --- pass 3: the per-case outputs ------------------------------------------------------------------------------
+# --- the last pass: the per-case outputs ------------------------------------------------------------------------
 
 
 @dataclass
@@ -693,7 +698,7 @@ class GroupwiseEvaluator(RegistrationEvaluator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group: dict[str, GroupCase] = {}
-        self.failures: dict[str, str] = {}  # why pass 1 found no keypoints, by case name
+        self.failures: dict[str, str] = {}  # why an image has no transform (no keypoints, refinement failed), by name
 
     def _iteration(self, engine, batchdata):
         item = batchdata[0]
