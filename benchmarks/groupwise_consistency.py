@@ -20,7 +20,7 @@ and the label Dice in the shared space (the registered label maps, nearest neigh
 brain structures, averaged over all pairs of images). The shared spaces' grids differ: the group space's template
 grid (1 mm) holds every label map resampled, the member's own grid one label map as it is and two resampled, and
 nearest-neighbour resampling alone costs Dice (the true transforms score 0.815 on a 1 mm grid and 0.843 on the
-image's own 1.5 mm grid, subject 13, seed 0). So it also reports the label Dice of every method on the first image's
+T1's own 1.5 mm grid, subject 13, seed 0). So it also reports the label Dice of every method on the first image's
 grid, from the recovered image-to-image maps ``T_j T_0^-1``: the alignment alone, on one grid for all methods (for
 "to one member" it is the shared-space Dice). Writes ``groupwise_consistency.json`` and prints a table.
 Takes a few minutes per method on a CPU (three seeds: nine images). ``--score_only`` scores the outputs of an

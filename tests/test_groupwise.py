@@ -24,6 +24,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from test_inference import (
+    NUM_KEYPOINTS,
     OUTPUT_FILES,
     ROOT,
     SMALL_NETWORK,
@@ -416,7 +417,6 @@ def phantom_group(tmp_path_factory):
             write_nifti(path, np.where(phantom > 0, 1.1 - phantom, 0.0).astype(np.float32), image.affine)
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "inference.yaml"), str(ROOT / "configs" / "groupwise.yaml")])
-    small = dict(zip([a.lstrip("-") for a in SMALL_NETWORK[::2]], SMALL_NETWORK[1::2]))
     parser.update(
         {
             "dataset_dir": str(root / "in"),
@@ -425,7 +425,7 @@ def phantom_group(tmp_path_factory):
             "num_workers": 0,
             "device": "cpu",
             "template_spacing": 2.0,
-            "num_keypoints": int(small["num_keypoints"]),
+            "num_keypoints": NUM_KEYPOINTS,
             "network_channels": [8, 8, 16, 16],
             "spatial_size": 48,
         }
