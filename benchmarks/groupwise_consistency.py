@@ -18,7 +18,7 @@ the recovered image-to-image maps ``T_j T_i^-1`` are from the true ``G_j G_i^-1`
 voxels of the first image's label map and over all ordered pairs; a global transform of the shared space cancels)
 and the label Dice in the shared space (the registered label maps, nearest neighbour, mean Dice over the FreeSurfer
 brain structures, averaged over all pairs of images). The shared spaces' grids differ: the group space's template
-grid (1 mm) holds every label map resampled, the member's own grid one label map as it is and two resampled, and
+grid (1 mm) holds every label map resampled, the member's own grid one label map as it is and the others resampled, and
 nearest-neighbour resampling alone costs Dice (the true transforms score 0.815 on a 1 mm grid and 0.843 on the
 T1's own 1.5 mm grid, subject 13, seed 0). So it also reports the label Dice of every method on the first image's
 grid, from the recovered image-to-image maps ``T_j T_0^-1``: the alignment alone, on one grid for all methods (for
