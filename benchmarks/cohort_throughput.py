@@ -25,9 +25,10 @@ output folder, the DEFAULT settings; ``--setting KEY=VALUE`` adds ``--KEY VALUE`
 * wall seconds of the command (start-up included), images per hour and seconds per image from them;
 * seconds per image in the steady state: the spread of the case folders' completion times over N - 1;
 * peak memory of the process tree (the command and its preprocessing workers), sampled every
-  ``--sample_seconds`` from ``/proc`` (Linux): the largest sum of resident set sizes (RSS; pages shared between
-  processes, such as the libraries of forked workers, count once per process, so this is an upper bound) and of
-  proportional set sizes (PSS: shared pages divided among their processes, the memory the tree really takes);
+  ``--sample_seconds`` from ``/proc`` (Linux; ``process_memory.py``): the largest sum of resident set sizes (RSS;
+  pages shared between processes, such as the libraries of forked workers, count once per process, so this is an
+  upper bound) and of proportional set sizes (PSS: shared pages divided among their processes, the memory the
+  tree really takes);
 * the statuses of ``summary.csv`` (T2 and PD whole heads are often ``suspect`` or wrong: deepbet is a T1 network;
   they still take their time).
 
@@ -42,7 +43,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import nibabel as nib
@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from network_speed import cpu_model  # noqa: E402
 from pose_robustness import CONTRASTS, render  # noqa: E402
+from process_memory import run_measured  # noqa: E402
 
 from scripts.image_io import resample_world_aligned  # noqa: E402
 from scripts.random_motions import misalignment, random_axis  # noqa: E402
@@ -143,61 +144,6 @@ def input_folder(paths: list[str], folder: str) -> str:
 
 
 # --- one timed run --------------------------------------------------------------------------------------------
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and its living descendants (Linux ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                # the command name (field 2) may hold spaces and parentheses: the parent is after the last ')'
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    tree, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
-    return tree
-
-
-def tree_memory_mb(root: int) -> tuple[float, float]:
-    """``(RSS, PSS)`` summed over the process tree of ``root``, MB (``/proc/PID/smaps_rollup``)."""
-    rss = pss = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                for line in handle:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except OSError:  # ended between the listing and the reading
-            continue
-    return rss / 1024, pss / 1024
-
-
-def run_measured(command: list[str], sample_seconds: float = 0.2, **popen) -> dict:
-    """Run ``command``, sampling the memory of its process tree; returns the exit code, the wall seconds and the
-    peak tree RSS and PSS (MB)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, **popen)
-    peak_rss = peak_pss = 0.0
-    while process.poll() is None:
-        rss, pss = tree_memory_mb(process.pid)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        time.sleep(sample_seconds)
-    return {
-        "exit_code": process.returncode,
-        "wall_seconds": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss,
-        "peak_pss_mb": peak_pss,
-    }
 
 
 def inference_command(dataset_dir: str, output_dir: str, settings: list[str]) -> list[str]:

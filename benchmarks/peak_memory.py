@@ -3,9 +3,12 @@
 Writes the MNI152 brain (the default fixed image, so any run gives the same input) resampled onto a ``S^3`` grid
 that holds the brain (``--size 512``: 0.45 mm voxels, float32, 0.5 GB, uncompressed) into a temporary folder,
 registers it with ``python -m monai.bundle run inference`` and the given ``--skull_strip`` (default: the
-config's default, deepbet), and prints the command's peak resident memory (the child's ``ru_maxrss``)::
+config's default, deepbet), and prints the peak memory of the command's whole process tree (the runner and its
+DataLoader workers): the largest sum of their proportional set sizes (PSS, shared pages divided among the
+processes that share them), sampled every ``--sample_seconds`` (``process_memory.py``, Linux ``/proc``). One
+process's ``ru_maxrss``, what this printed before, leaves out the workers, which prepare the case::
 
-    python benchmarks/peak_memory.py [--size 512] [--skull_strip deepbet|none] [--keep DIR]
+    python benchmarks/peak_memory.py [--size 512] [--skull_strip deepbet|none] [--sample_seconds 0.1] [--keep DIR]
 
 A measurement, not a test: nothing here asserts a size (``tests/test_large_volumes.py`` bounds a smaller case).
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,8 @@ from scipy.ndimage import map_coordinates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the bundle root
 sys.path.insert(0, ROOT)
+
+from process_memory import run_measured  # noqa: E402  (benchmarks/, the folder of this script)
 
 from scripts.image_io import default_atlas_path  # noqa: E402
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512, help="voxels per axis of the input")
     parser.add_argument("--skull_strip", default=None, help="deepbet or none (default: the config's)")
+    parser.add_argument("--sample_seconds", type=float, default=0.1, help="memory sampling interval")
     parser.add_argument("--keep", default=None, help="write input and outputs here instead of a temporary folder")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as temporary:
@@ -68,15 +73,20 @@ def main(argv: list[str] | None = None) -> None:
         command += ["--dataset_dir", os.path.dirname(path), "--output_dir", os.path.join(folder, "out")]
         command += ["--overwrite", "true"] + (["--skull_strip", args.skull_strip] if args.skull_strip else [])
         env = {**os.environ, "PYTHONPATH": ROOT}
-        process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if process.returncode != 0:
-            print(process.stderr[-2000:], file=sys.stderr)
+        log_path = os.path.join(folder, "run.log")
+        with open(log_path, "w") as log:  # a file, not a pipe: nobody reads a pipe while the sampler runs
+            result = run_measured(command, args.sample_seconds, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if result["exit_code"] != 0:
+            with open(log_path) as log:
+                print(log.read()[-2000:], file=sys.stderr)
         summary = open(os.path.join(folder, "out", "summary.csv")).read().strip().splitlines()[-1]
         print(
             f"input: {args.size}^3 float32 ({os.path.getsize(path) / 1e9:.2f} GB); skull_strip {args.skull_strip or '(default)'}"
         )
-        print(f"exit code {process.returncode}; peak resident memory of the run: {peak_kib / 1e6:.2f} GB")
+        print(
+            f"exit code {result['exit_code']}; peak memory of the run's process tree: {result['peak_pss_mb'] / 1e3:.2f}"
+            f" GB (PSS, sampled every {args.sample_seconds} s)"
+        )
         print(f"summary row: {summary}")
 
 

@@ -39,14 +39,20 @@ from scripts.training_data import training_images
 INFERENCE_ALIGNERS = MATRIX_ALIGNERS
 
 
-def weights_problem(ckpt_path: str, bundle_root: str | None = None, network=None) -> str | None:
-    """The one-line problem with the model weights, or None: missing, unreadable, not matching the hash of
+#: What to do about missing registration weights (the default of :func:`weights_problem`).
+DOWNLOAD_HINT = "see README 'Use it from the model zoo' to download them"
+
+
+def weights_problem(
+    ckpt_path: str, bundle_root: str | None = None, network=None, missing_hint: str = DOWNLOAD_HINT
+) -> str | None:
+    """The one-line problem with the model weights, or None: missing (the line then ends with ``missing_hint``, what
+    to do about it; by default where to download the registration weights), unreadable, not matching the hash of
     ``large_files.yml`` (only for the bundle's own weights file with a hash set), not a PyTorch checkpoint (its zip
     directory, read without the tensors), or, given ``network``, not loading into it (the weights are then loaded
     into ``network``: the one time a run reads them)."""
-    download = "see README 'Use it from the model zoo' to download them"
     if not os.path.isfile(ckpt_path):
-        return f"{ckpt_path}: model weights not found; {download}"
+        return f"{ckpt_path}: model weights not found; {missing_hint}"
     if not os.access(ckpt_path, os.R_OK):
         return f"{ckpt_path}: model weights are not readable (permissions)"
     entry = recorded_entry(bundle_root, ckpt_path) if bundle_root else None
@@ -261,13 +267,12 @@ def check_inference_settings(
     if problem:
         fail(problem)
     if "bundle" in (skull_strip, fixed_skull_strip):
-        brain_mask_weights = os.fspath(brain_mask_weights or BRAIN_MASK_WEIGHTS)
-        if not os.path.isfile(brain_mask_weights):
-            fail(
-                f"{brain_mask_weights}: brain-mask network weights not found (--skull_strip bundle); train them with"
-                " configs/train_brain_mask.yaml, or use --skull_strip deepbet"
-            )
-        problem = weights_problem(brain_mask_weights, bundle_root)
+        setting = "--skull_strip" if skull_strip == "bundle" else "--fixed_skull_strip"
+        train = (
+            f"{setting} bundle needs the brain-mask network's weights: train them with configs/train_brain_mask.yaml,"
+            f" or use {setting} deepbet"
+        )
+        problem = weights_problem(os.fspath(brain_mask_weights or BRAIN_MASK_WEIGHTS), bundle_root, missing_hint=train)
         if problem:
             fail(problem)
 

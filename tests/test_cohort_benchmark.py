@@ -1,4 +1,5 @@
-"""benchmarks/cohort_throughput.py without an inference run: its images, its memory sampling and its report."""
+"""benchmarks/cohort_throughput.py without an inference run: its images and its report; and the memory sampling it
+shares with benchmarks/peak_memory.py (benchmarks/process_memory.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from synthetic_heads import write_label_maps_dir
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import cohort_throughput  # noqa: E402
+import process_memory  # noqa: E402
 
 
 def test_images_have_their_own_pose_at_1_mm_and_are_made_once(tmp_path):
@@ -36,10 +38,32 @@ def test_peak_memory_counts_the_whole_process_tree(tmp_path):
     # a child that starts a grandchild holding 300 MB while the child itself stays small
     grandchild = "import time; block = bytearray(300 * 2**20); time.sleep(1.5)"
     child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
-    result = cohort_throughput.run_measured([sys.executable, "-c", child], sample_seconds=0.05)
+    result = process_memory.run_measured([sys.executable, "-c", child], sample_seconds=0.05)
     assert result["exit_code"] == 0
     assert result["peak_rss_mb"] > 300 and result["peak_pss_mb"] > 300
     assert result["peak_rss_mb"] < 1000
+
+
+def test_peak_pss_counts_the_pages_forked_workers_share_once():
+    # a parent holding 200 MB forks two workers that only read it, as DataLoader workers share the runner's pages:
+    # the RSS sum counts the 200 MB three times, the PSS sum once
+    parent = (
+        "import os, time\n"
+        "block = b'x' * (200 * 2**20)\n"
+        "workers = []\n"
+        "for _ in range(2):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(1.5)\n"
+        "        os._exit(0)\n"
+        "    workers.append(pid)\n"
+        "for pid in workers:\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    result = process_memory.run_measured([sys.executable, "-c", parent], sample_seconds=0.05)
+    assert result["exit_code"] == 0
+    assert result["peak_rss_mb"] > 600, result
+    assert 200 < result["peak_pss_mb"] < 350, result
 
 
 def test_report_from_its_csv(tmp_path, capsys):

@@ -475,14 +475,22 @@ def test_valid_settings_pass_and_create_the_output_folder(settings):
         ({"dataset_dir": "/no/such/folder"}, ["/no/such/folder", "not found"]),
         ({"fixed_image": "/no/such/fixed.nii.gz"}, ["/no/such/fixed.nii.gz", "not found"]),
         ({"pairs_csv": "/no/such/pairs.csv"}, ["/no/such/pairs.csv"]),
-        ({"ckpt_path": "/no/such/model.pt"}, ["/no/such/model.pt", "not found"]),
+        ({"ckpt_path": "/no/such/model.pt"}, ["/no/such/model.pt: model weights not found", "the model zoo"]),
         (
             {"skull_strip": "bundle", "brain_mask_weights": "/no/such/brain_mask.pt"},
-            ["/no/such/brain_mask.pt", "not found"],
+            [
+                "/no/such/brain_mask.pt: model weights not found",
+                "configs/train_brain_mask.yaml",
+                "--skull_strip deepbet",
+            ],
         ),
         (
             {"fixed_skull_strip": "bundle", "brain_mask_weights": "/no/such/brain_mask.pt"},
-            ["/no/such/brain_mask.pt", "not found"],
+            [
+                "/no/such/brain_mask.pt: model weights not found",
+                "configs/train_brain_mask.yaml",
+                "--fixed_skull_strip deepbet",
+            ],
         ),
     ],
 )

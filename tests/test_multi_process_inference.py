@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_inference import ROOT, inference_arguments, rigid, run_bundle, write_checkpoint, write_fixed, write_moving
+from torchrun_commands import torchrun_command
 
 from scripts.case_outputs import case_done
 from scripts.transform_io import read_itk_transform
@@ -42,21 +43,9 @@ def write_cases(folder: Path, names) -> None:
         write_moving(folder / f"{name}.nii.gz", rigid([0.2, 0.3 + index, 1.0], 10.0 * index - 20, [index, -2, 1]))
 
 
-def torchrun_command(processes: int, arguments) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        CONFIGS,
-        *arguments,
-    ]
+def layered_inference_command(arguments) -> list[str]:
+    """One process's command: the bundle runner on ``inference.yaml`` with the overlay, and ``arguments``."""
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIGS, *arguments]
 
 
 def torchrun_env() -> dict[str, str]:
@@ -64,7 +53,7 @@ def torchrun_env() -> dict[str, str]:
 
 
 def run_torchrun(arguments, processes: int = 2) -> subprocess.CompletedProcess:
-    command = torchrun_command(processes, arguments)
+    command = torchrun_command(layered_inference_command(arguments), processes)
     return subprocess.run(command, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -167,7 +156,7 @@ def test_a_killed_rank_loses_no_finished_case_and_a_rerun_completes_the_rest(run
     arguments = with_output(runs["arguments"], output)
     arguments[arguments.index("--dataset_dir") + 1] = str(tmp_path / "in")
     job = subprocess.Popen(
-        torchrun_command(2, arguments),
+        torchrun_command(layered_inference_command(arguments)),
         cwd=ROOT,
         env=torchrun_env(),
         stdout=subprocess.DEVNULL,

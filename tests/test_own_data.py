@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from synthetic_heads import make_ixi_test_set
+from torchrun_commands import torchrun_command
 
 from scripts.datalists import csv_datalist, subject_split
 from scripts.errors import KeyMorphInputError
@@ -51,18 +52,6 @@ def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess
 
 def tail(process: subprocess.CompletedProcess, lines: int = 40) -> str:
     return "\n".join((process.stdout + process.stderr).splitlines()[-lines:])
-
-
-def torchrun(*arguments: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        *arguments,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -293,8 +282,8 @@ def test_training_on_unlabeled_images_trains_on_image_similarity(folders, tmp_pa
 
 def test_two_process_training_on_an_ixi_folder_runs_to_completion(folders, tmp_path):
     process = run(
-        torchrun(
-            *bundle_command(
+        torchrun_command(
+            bundle_command(
                 "training",
                 [TRAIN, MULTI],
                 *MODEL,
@@ -308,7 +297,7 @@ def test_two_process_training_on_an_ixi_folder_runs_to_completion(folders, tmp_p
                 folders["unlabeled"],
                 "--output_dir",
                 str(tmp_path),
-            )[1:]
+            )
         )
     )
     assert process.returncode == 0, tail(process, 80)
@@ -319,8 +308,8 @@ def test_a_stop_on_one_rank_stops_every_rank_with_an_error(folders, tmp_path):
     """Rank 1's loss is NaN from its first iteration: both ranks stop there (no hang), the run exits non-zero and
     says why, and the one checkpoint holds the start weights."""
     process = run(
-        torchrun(
-            *bundle_command(
+        torchrun_command(
+            bundle_command(
                 "training",
                 [TRAIN, MULTI],
                 *MODEL,
@@ -334,7 +323,7 @@ def test_a_stop_on_one_rank_stops_every_rank_with_an_error(folders, tmp_path):
                 str(tmp_path),
                 "--dice_weight",
                 "$float('nan') if os.environ['RANK'] == '1' else 1.0",
-            )[1:]
+            )
         ),
         timeout=300,
     )

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic_heads import head_label_map, write_label_maps_dir
+from torchrun_commands import torchrun_command
 
 from scripts.checkpoints import latest_checkpoint
 from scripts.errors import KeyMorphInputError
@@ -351,8 +352,7 @@ def test_the_best_model_stays_the_best_of_the_whole_run_across_resumes(tmp_path)
 def test_multi_process_training_with_torchrun(heads, tmp_path):
     """Two CPU processes (gloo): a few iterations, validation on both, checkpoints and TensorBoard from rank 0."""
     output_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    command += bundle_command(
+    command = bundle_command(
         "training",
         [TRAIN, MULTI],
         *MODEL,
@@ -366,8 +366,8 @@ def test_multi_process_training_with_torchrun(heads, tmp_path):
         "1",
         "--save_every",
         "2",
-    )[1:]
-    process = run(command)
+    )
+    process = run(torchrun_command(command))
     assert process.returncode == 0, tail(process, 80)
     assert checkpoint_names(output_dir) == {
         "checkpoint_iteration=2.pt",
