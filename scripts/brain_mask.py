@@ -1,13 +1,17 @@
 """The bundle's own brain-extraction network: a 3-D U-Net that maps a head (or brain) image of any MR contrast, in
-any pose, to its brain mask, on a 2 mm world-aligned grid.
+any pose, to the signed distance from its brain's surface, on a 2 mm world-aligned grid.
 
 Method
 ------
 SynthStrip's recipe (Hoopes et al., "SynthStrip: skull-stripping for any brain image", NeuroImage 260, 2022):
-train a segmentation network only on images synthesized from label maps (:mod:`scripts.synthesis`, random and
-preset contrasts, whole heads and brains), so that it depends on neither the contrast nor, with full-rotation
-augmentation (:mod:`scripts.brain_mask_data`), the head's orientation. The target is the label map's brain:
-labels 1..499, cerebrospinal fluid included, as the benchmarks score it.
+train the network only on images synthesized from label maps (:mod:`scripts.synthesis`, random and preset
+contrasts, whole heads and brains), so that it depends on neither the contrast nor, with full-rotation
+augmentation (:mod:`scripts.brain_mask_data`), the head's orientation. The brain is the label map's labels
+1..499, cerebrospinal fluid included, as the benchmarks score it. As in SynthStrip, the network regresses the
+brain's signed distance transform (:func:`signed_distance`: mm, negative inside, clipped at
+:data:`DISTANCE_CLIP_MM`) rather than a class probability: every voxel near the surface is told how far it is from
+it, so the loss keeps pulling the predicted surface onto the anatomy's, where a probability target is satisfied
+early by a smooth blob in the right place. The mask is where the predicted distance is below 0.
 
 Grid
 ----
@@ -17,9 +21,9 @@ sees it resampled (trilinear, 0 outside its field of view) onto the world-aligne
 :data:`NETWORK_SPACING_MM` that covers the head, :data:`HEAD_MARGIN_MM` beyond its foreground, grown to a multiple of
 :data:`SHAPE_MULTIPLE` voxels per axis (four halvings in the U-Net): a head turned in its header has a field of view
 up to twice as wide as the head along each world axis, and the network's time grows with the grid's volume. On that
-grid the probability is thresholded at 0.5 and the largest connected component, holes filled, is kept; the kept
-probability comes back onto the image's own grid through world coordinates (trilinear, only over the brain's box)
-and is thresholded at 0.5 again, so the mask's edge is as smooth as the probability, not 2 mm steps.
+grid the largest connected component below distance 0, holes filled, is kept; the kept distance comes back onto the
+image's own grid through world coordinates (trilinear, only over the brain's box) and is thresholded at 0 again, so
+the mask's edge is as smooth as the distance, not 2 mm steps.
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ SHAPE_MULTIPLE = 16
 PERCENTILES = (0.5, 99.5)
 #: Background (mm) the network grid keeps around the head's foreground.
 HEAD_MARGIN_MM = 16.0
+#: The signed distance target is clipped to +- this (mm): far from the surface only the side matters.
+DISTANCE_CLIP_MM = 10.0
 _PERCENTILE_SAMPLES = 2**19
 
 
 def brain_mask_network() -> UNet:
-    """The brain-mask U-Net: 1 input channel (the image), 1 output channel (the brain logit), five levels of 16 to
-    256 features, two residual units per level, instance normalisation (contrast changes scale the features)."""
+    """The brain-mask U-Net: 1 input channel (the image), 1 output channel (the signed distance from the brain's
+    surface, mm, negative inside), five levels of 16 to 256 features, two residual units per level, instance normalisation (contrast changes scale the features).
+    """
     return UNet(
         spatial_dims=3,
         in_channels=1,
@@ -106,13 +113,27 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(components == sizes.argmax())
 
 
+def signed_distance(brain: torch.Tensor, spacing_mm: float = NETWORK_SPACING_MM) -> torch.Tensor:
+    """The signed distance (mm, float32, same shape) from the surface of a boolean mask ``(X, Y, Z)`` on a grid of
+    ``spacing_mm`` voxels: negative inside, positive outside, half a voxel at the voxels on either side of the
+    surface, clipped to +-:data:`DISTANCE_CLIP_MM`. An empty mask is +:data:`DISTANCE_CLIP_MM` everywhere."""
+    inside = brain.numpy().astype(bool)
+    if not inside.any():
+        return torch.full(brain.shape, DISTANCE_CLIP_MM)
+    outside_distance = ndimage.distance_transform_edt(~inside, sampling=spacing_mm)
+    inside_distance = ndimage.distance_transform_edt(inside, sampling=spacing_mm)
+    distance = np.where(inside, 0.5 * spacing_mm - inside_distance, outside_distance - 0.5 * spacing_mm)
+    return torch.from_numpy(distance.astype(np.float32)).clamp(-DISTANCE_CLIP_MM, DISTANCE_CLIP_MM)
+
+
 @torch.no_grad()
-def brain_probability(
+def brain_distance(
     network: torch.nn.Module, image: torch.Tensor, affine: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The network's brain probability in ``[0, 1]`` for ``image`` ``(D, H, W)`` (any intensity unit; ``affine``
-    its ``(4, 4)`` voxel-to-world matrix in RAS mm), on the network grid of :func:`head_grid`: returns the
-    probability ``(X, Y, Z)`` and the grid's ``(4, 4)`` float64 voxel-to-world matrix."""
+    """The network's signed distance from the brain's surface (mm, negative inside) for ``image`` ``(D, H, W)``
+    (any intensity unit; ``affine`` its ``(4, 4)`` voxel-to-world matrix in RAS mm), on the network grid of
+    :func:`head_grid`: returns the distance ``(X, Y, Z)`` and the grid's ``(4, 4)`` float64 voxel-to-world
+    matrix."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
     coarse, coarse_affine = box_average(image, affine, NETWORK_SPACING_MM)
     coarse = unit_range(coarse)
@@ -120,26 +141,26 @@ def brain_probability(
     on_grid = resample_onto(coarse[None], coarse_affine, grid, shape, torch.eye(4, dtype=torch.float64))
     device = next(network.parameters()).device
     network.eval()
-    return torch.sigmoid(network(on_grid[None].to(device))[0, 0].float().cpu()), grid
+    return network(on_grid[None].to(device))[0, 0].float().cpu(), grid
 
 
-def kept_probability(probability: torch.Tensor) -> torch.Tensor:
-    """``probability`` ``(X, Y, Z)`` with only the largest component above 0.5 left above it: other components
-    are clamped to 0.5 and the kept component's holes set to 1, so thresholding it (or its trilinear
-    interpolation) at 0.5 gives that component, holes filled, with the probability's own edge."""
-    kept = torch.from_numpy(largest_component_filled((probability > 0.5).numpy()))
-    return torch.where(kept, torch.where(probability > 0.5, probability, 1.0), probability.clamp(max=0.5))
+def kept_distance(distance: torch.Tensor) -> torch.Tensor:
+    """``distance`` ``(X, Y, Z)`` with only its largest component below 0 left below it: other components are
+    raised to 0 and the kept component's holes set to -:data:`DISTANCE_CLIP_MM`, so thresholding it (or its
+    trilinear interpolation) at 0 gives that component, holes filled, with the distance's own edge."""
+    kept = torch.from_numpy(largest_component_filled((distance < 0).numpy()))
+    return torch.where(kept, torch.where(distance < 0, distance, -DISTANCE_CLIP_MM), distance.clamp(min=0.0))
 
 
 def predict_brain_mask(network: torch.nn.Module, image: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Boolean brain mask ``(D, H, W)`` of ``image`` ``(D, H, W)`` on its own grid: :func:`brain_probability`'s
-    largest component above 0.5, holes filled (:func:`kept_probability`), brought back through world coordinates
-    over the box of the image's voxels it can reach and thresholded at 0.5."""
+    """Boolean brain mask ``(D, H, W)`` of ``image`` ``(D, H, W)`` on its own grid: :func:`brain_distance`'s
+    largest component below 0, holes filled (:func:`kept_distance`), brought back through world coordinates over
+    the box of the image's voxels it can reach and thresholded at 0."""
     affine = torch.as_tensor(affine, dtype=torch.float64)
-    probability, grid = brain_probability(network, image, affine)
-    probability = kept_probability(probability)
+    distance, grid = brain_distance(network, image, affine)
+    distance = kept_distance(distance)
     mask = torch.zeros(image.shape, dtype=torch.bool)
-    brain = torch.nonzero(probability > 0.5).to(torch.float64)
+    brain = torch.nonzero(distance < 0).to(torch.float64)
     if len(brain) == 0:
         return mask
     # The brain's 2 mm voxels, one voxel out (trilinear reaches that far), in the image's voxel indices.
@@ -153,6 +174,7 @@ def predict_brain_mask(network: torch.nn.Module, image: torch.Tensor, affine: to
     box = affine.clone()
     box[:3, 3] = apply_affine(affine, low[None].to(torch.float64))[0]
     box_shape = [int(n) for n in high - low]
-    back = resample_onto(probability[None], grid, box, box_shape, torch.eye(4, dtype=torch.float64))[0]
-    mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = back > 0.5
+    # outside the grid, resampling gives 0, which is not below 0: not brain
+    back = resample_onto(distance[None], grid, box, box_shape, torch.eye(4, dtype=torch.float64))[0]
+    mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = back < 0
     return mask

@@ -2,8 +2,9 @@
 in any pose, each with its exact brain mask, on the grid the network sees at inference.
 
 An item is ``{"image", "label"}``: ``(1, D, H, W)`` float32 MetaTensors on one 2 mm world-aligned grid (its
-``affine``), the image in ``[0, 1]`` (0 outside the field of view) and the label the brain's share of each voxel
-(trilinear resampling of the 0/1 brain mask: soft at the edge).
+``affine``), the image in ``[0, 1]`` (0 outside the field of view) and the label the signed distance (mm) from the
+surface of the brain on that grid (:func:`scripts.brain_mask.signed_distance`: negative inside; the brain is where
+the trilinear resampling of the 0/1 brain mask exceeds one half).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 from monai.data import MetaTensor
 
-from scripts.brain_mask import NETWORK_SPACING_MM, SHAPE_MULTIPLE, network_grid
+from scripts.brain_mask import NETWORK_SPACING_MM, SHAPE_MULTIPLE, network_grid, signed_distance
 from scripts.coordinates import affine_of, apply_affine, resample_onto
 from scripts.random_draws import RandomDrawDataset
 from scripts.random_motions import image_center, random_affine_matrix
@@ -126,4 +127,5 @@ class BrainMaskDataset(RandomDrawDataset):
         image, brain = on_grid[:1].clone(), on_grid[1:].clamp(0, 1)
         if self.R.rand() < self.cut_probability:
             self._cut(image, brain)
-        return {"image": MetaTensor(image, affine=grid), "label": MetaTensor(brain, affine=grid)}
+        distance = signed_distance(brain[0] > 0.5)[None]
+        return {"image": MetaTensor(image, affine=grid), "label": MetaTensor(distance, affine=grid)}

@@ -19,15 +19,17 @@ import torch
 from synthetic_heads import head_label_map, write_label_maps_dir
 
 from scripts.brain_mask import (
+    DISTANCE_CLIP_MM,
     HEAD_MARGIN_MM,
     NETWORK_SPACING_MM,
     SHAPE_MULTIPLE,
-    brain_probability,
+    brain_distance,
     head_grid,
-    kept_probability,
+    kept_distance,
     largest_component_filled,
     network_grid,
     predict_brain_mask,
+    signed_distance,
     unit_range,
 )
 from scripts.brain_mask_data import BrainMaskDataset
@@ -39,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Threshold(torch.nn.Module):
-    """Stand-in for the U-Net: the logit of "brighter than 0.5", so the predicted brain is the bright ball."""
+    """Stand-in for the U-Net: a "distance" negative where the image is brighter than 0.5, so the predicted brain is
+    the bright ball."""
 
     def __init__(self):
         super().__init__()
@@ -47,7 +50,7 @@ class Threshold(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         assert all(size % SHAPE_MULTIPLE == 0 for size in image.shape[2:]), image.shape
-        return self.scale * (image - 0.5)
+        return self.scale * (0.5 - image)
 
 
 def ball_image(affine: torch.Tensor, shape, centre, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +95,30 @@ def test_head_grid_holds_the_head_and_its_margin_not_the_empty_field_of_view():
     assert empty_shape == network_grid(affine, (100, 100, 100))[1]
 
 
-def test_kept_probability_keeps_the_largest_blob_fills_its_holes_and_keeps_its_edge():
-    probability = torch.full((20, 20, 20), 0.1)
-    probability[2:12, 2:12, 2:12] = 0.9
-    probability[2, 2:12, 2:12] = 0.7  # the edge of the kept blob keeps its value
-    probability[6, 6, 6] = 0.2  # a hole
-    probability[15:18, 15:18, 15:18] = 0.8  # a smaller island
-    kept = kept_probability(probability)
-    assert float(kept[6, 6, 6]) > 0.5 and float(kept[16, 16, 16]) <= 0.5 and int((kept > 0.5).sum()) == 1000
-    assert float(kept[2, 5, 5]) == pytest.approx(0.7) and float(kept[0, 0, 0]) == pytest.approx(0.1)
+def test_signed_distance_is_negative_inside_in_mm_and_clipped():
+    index = torch.stack(torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij"), -1)
+    ball = (index - 19.5).norm(dim=-1) <= 8.0  # radius 8 voxels = 16 mm
+    distance = signed_distance(ball)
+    assert distance.dtype == torch.float32 and distance.shape == ball.shape
+    assert bool((distance[ball] < 0).all()) and bool((distance[~ball] > 0).all())
+    # a voxel on either side of the surface is half a voxel from it; the centre is 16 mm deep, clipped to 10
+    assert float(distance[ball].max()) == pytest.approx(-NETWORK_SPACING_MM / 2, abs=0.3)
+    assert float(distance[~ball].min()) == pytest.approx(NETWORK_SPACING_MM / 2, abs=0.3)
+    assert float(distance[20, 20, 20]) == -DISTANCE_CLIP_MM and float(distance[0, 0, 0]) == DISTANCE_CLIP_MM
+    # a voxel 11.5 voxels from the centre is 3.5 voxels (7 mm) beyond the surface
+    assert float(distance[19, 19, 31]) == pytest.approx(3.5 * NETWORK_SPACING_MM, abs=0.6)
+    assert bool((signed_distance(torch.zeros(4, 4, 4, dtype=torch.bool)) == DISTANCE_CLIP_MM).all())
+
+
+def test_kept_distance_keeps_the_largest_blob_fills_its_holes_and_keeps_its_edge():
+    distance = torch.full((20, 20, 20), 5.0)
+    distance[2:12, 2:12, 2:12] = -5.0
+    distance[2, 2:12, 2:12] = -1.0  # the edge of the kept blob keeps its value
+    distance[6, 6, 6] = 2.0  # a hole
+    distance[15:18, 15:18, 15:18] = -3.0  # a smaller island
+    kept = kept_distance(distance)
+    assert float(kept[6, 6, 6]) < 0 and float(kept[16, 16, 16]) >= 0 and int((kept < 0).sum()) == 1000
+    assert float(kept[2, 5, 5]) == pytest.approx(-1.0) and float(kept[0, 0, 0]) == pytest.approx(5.0)
 
 
 def test_unit_range_maps_the_percentiles_to_0_and_1_and_ignores_nan():
@@ -132,9 +150,9 @@ def test_mask_comes_back_onto_an_oblique_anisotropic_grid_through_world_coordina
     mask = predict_brain_mask(Threshold(), image * 300.0, affine)
     dice = float(2 * (mask & ball).sum() / (mask.sum() + ball.sum()))
     assert mask.shape == ball.shape and dice > 0.95, dice
-    probability, grid = brain_probability(Threshold(), image, affine)
+    distance, grid = brain_distance(Threshold(), image, affine)
     assert torch.allclose(grid[:3, :3], NETWORK_SPACING_MM * torch.eye(3, dtype=torch.float64))
-    assert 0.0 <= float(probability.min()) <= float(probability.max()) <= 1.0
+    assert all(size % SHAPE_MULTIPLE == 0 for size in distance.shape) and bool(torch.isfinite(distance).all())
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +171,17 @@ def test_training_draws_pair_an_image_with_its_brain_on_the_inference_grid(label
     brain_ml = float(((labels > 0) & (labels < 500)).sum()) * 8e-3
     for index in range(len(dataset)):
         item = dataset[index]
-        image, brain = item["image"], item["label"]
-        assert image.shape == brain.shape and all(s % SHAPE_MULTIPLE == 0 and s <= 48 for s in image.shape[1:])
+        image, distance = item["image"], item["label"]
+        assert image.shape == distance.shape and all(s % SHAPE_MULTIPLE == 0 and s <= 48 for s in image.shape[1:])
         assert torch.allclose(
             image.affine[:3, :3].abs().sum(0), torch.full((3,), NETWORK_SPACING_MM, dtype=torch.float64)
         )
-        assert 0.0 <= float(brain.min()) and float(brain.max()) <= 1.0
+        assert -DISTANCE_CLIP_MM <= float(distance.min()) and float(distance.max()) <= DISTANCE_CLIP_MM
+        brain = distance < 0
         # the whole brain (scaled by at most 1.15^3 and 0.85^3) is on the grid: the window follows it
         assert 0.55 * brain_ml < float(brain.sum()) * 8e-3 < 1.6 * brain_ml
         # the head is drawn around the brain: the image is brighter than its background there
-        assert float(image[brain > 0.5].mean()) > float(image[brain < 0.01].mean()) * 0.5
+        assert float(image[brain].mean()) > float(image[distance > 2 * NETWORK_SPACING_MM].mean()) * 0.5
 
 
 def test_training_draws_cut_the_field_of_view_through_the_brain(label_maps):
@@ -170,8 +189,8 @@ def test_training_draws_cut_the_field_of_view_through_the_brain(label_maps):
     cut = BrainMaskDataset(label_maps, 1, SynthesizeImaged(skull_probability=1.0), max_size=48, cut_probability=1.0)
     lost = []
     for seed in range(4):  # the same draw but for the cut
-        full_brain = float(whole.set_random_state(seed)[0]["label"].sum())
-        lost.append((full_brain - float(cut.set_random_state(seed)[0]["label"].sum())) / full_brain)
+        full_brain = float((whole.set_random_state(seed)[0]["label"] < 0).sum())
+        lost.append((full_brain - float((cut.set_random_state(seed)[0]["label"] < 0).sum())) / full_brain)
     assert all(0.0 <= share < 0.45 for share in lost) and max(lost) > 0.05, lost
 
 
