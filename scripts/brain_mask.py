@@ -11,7 +11,9 @@ augmentation (:mod:`scripts.brain_mask_data`), the head's orientation. The brain
 brain's signed distance transform (:func:`signed_distance`: mm, negative inside, clipped at
 :data:`DISTANCE_CLIP_MM`) rather than a class probability: every voxel near the surface is told how far it is from
 it, so the loss keeps pulling the predicted surface onto the anatomy's, where a probability target is satisfied
-early by a smooth blob in the right place. The mask is where the predicted distance is below 0.
+early by a smooth blob in the right place. The network's output is in units of :data:`DISTANCE_CLIP_MM` (the target
+lies in ``[-1, 1]``, the scale its normalised features have from the start). The mask is where the predicted
+distance is below 0.
 
 Grid
 ----
@@ -51,7 +53,7 @@ _PERCENTILE_SAMPLES = 2**19
 
 def brain_mask_network() -> UNet:
     """The brain-mask U-Net: 1 input channel (the image), 1 output channel (the signed distance from the brain's
-    surface, mm, negative inside), five levels of 16 to 256 features, two residual units per level, instance normalisation (contrast changes scale the features).
+    surface in units of :data:`DISTANCE_CLIP_MM`, negative inside), five levels of 16 to 256 features, two residual units per level, instance normalisation (contrast changes scale the features).
     """
     return UNet(
         spatial_dims=3,
@@ -118,12 +120,18 @@ def signed_distance(brain: torch.Tensor, spacing_mm: float = NETWORK_SPACING_MM)
     ``spacing_mm`` voxels: negative inside, positive outside, half a voxel at the voxels on either side of the
     surface, clipped to +-:data:`DISTANCE_CLIP_MM`. An empty mask is +:data:`DISTANCE_CLIP_MM` everywhere."""
     inside = brain.numpy().astype(bool)
+    distance = np.full(inside.shape, DISTANCE_CLIP_MM, dtype=np.float32)
     if not inside.any():
-        return torch.full(brain.shape, DISTANCE_CLIP_MM)
+        return torch.from_numpy(distance)
+    # beyond this many voxels from the brain's box every distance is clipped: the transforms run on the box only
+    margin = int(np.ceil(DISTANCE_CLIP_MM / spacing_mm)) + 1
+    occupied = np.nonzero(inside)
+    box = tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in occupied)
+    inside = inside[box]
     outside_distance = ndimage.distance_transform_edt(~inside, sampling=spacing_mm)
     inside_distance = ndimage.distance_transform_edt(inside, sampling=spacing_mm)
-    distance = np.where(inside, 0.5 * spacing_mm - inside_distance, outside_distance - 0.5 * spacing_mm)
-    return torch.from_numpy(distance.astype(np.float32)).clamp(-DISTANCE_CLIP_MM, DISTANCE_CLIP_MM)
+    distance[box] = np.where(inside, 0.5 * spacing_mm - inside_distance, outside_distance - 0.5 * spacing_mm)
+    return torch.from_numpy(distance).clamp(-DISTANCE_CLIP_MM, DISTANCE_CLIP_MM)
 
 
 @torch.no_grad()
@@ -141,7 +149,7 @@ def brain_distance(
     on_grid = resample_onto(coarse[None], coarse_affine, grid, shape, torch.eye(4, dtype=torch.float64))
     device = next(network.parameters()).device
     network.eval()
-    return network(on_grid[None].to(device))[0, 0].float().cpu(), grid
+    return DISTANCE_CLIP_MM * network(on_grid[None].to(device))[0, 0].float().cpu(), grid
 
 
 def kept_distance(distance: torch.Tensor) -> torch.Tensor:

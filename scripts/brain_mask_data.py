@@ -2,9 +2,10 @@
 in any pose, each with its exact brain mask, on the grid the network sees at inference.
 
 An item is ``{"image", "label"}``: ``(1, D, H, W)`` float32 MetaTensors on one 2 mm world-aligned grid (its
-``affine``), the image in ``[0, 1]`` (0 outside the field of view) and the label the signed distance (mm) from the
-surface of the brain on that grid (:func:`scripts.brain_mask.signed_distance`: negative inside; the brain is where
-the trilinear resampling of the 0/1 brain mask exceeds one half).
+``affine``), the image in ``[0, 1]`` (0 outside the field of view) and the label the signed distance from the
+surface of the brain on that grid, in units of :data:`scripts.brain_mask.DISTANCE_CLIP_MM` (so in ``[-1, 1]``;
+:func:`scripts.brain_mask.signed_distance`: negative inside; the brain is where the trilinear resampling of the 0/1
+brain mask exceeds one half).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from monai.data import MetaTensor
 
-from scripts.brain_mask import NETWORK_SPACING_MM, SHAPE_MULTIPLE, network_grid, signed_distance
+from scripts.brain_mask import DISTANCE_CLIP_MM, NETWORK_SPACING_MM, SHAPE_MULTIPLE, network_grid, signed_distance
 from scripts.coordinates import affine_of, apply_affine, resample_onto
 from scripts.random_draws import RandomDrawDataset
 from scripts.random_motions import image_center, random_affine_matrix
@@ -127,5 +128,5 @@ class BrainMaskDataset(RandomDrawDataset):
         image, brain = on_grid[:1].clone(), on_grid[1:].clamp(0, 1)
         if self.R.rand() < self.cut_probability:
             self._cut(image, brain)
-        distance = signed_distance(brain[0] > 0.5)[None]
+        distance = signed_distance(brain[0] > 0.5)[None] / DISTANCE_CLIP_MM
         return {"image": MetaTensor(image, affine=grid), "label": MetaTensor(distance, affine=grid)}

@@ -176,12 +176,12 @@ def test_training_draws_pair_an_image_with_its_brain_on_the_inference_grid(label
         assert torch.allclose(
             image.affine[:3, :3].abs().sum(0), torch.full((3,), NETWORK_SPACING_MM, dtype=torch.float64)
         )
-        assert -DISTANCE_CLIP_MM <= float(distance.min()) and float(distance.max()) <= DISTANCE_CLIP_MM
+        assert float(distance.min()) == -1.0 and float(distance.max()) == 1.0  # in units of DISTANCE_CLIP_MM
         brain = distance < 0
         # the whole brain (scaled by at most 1.15^3 and 0.85^3) is on the grid: the window follows it
         assert 0.55 * brain_ml < float(brain.sum()) * 8e-3 < 1.6 * brain_ml
         # the head is drawn around the brain: the image is brighter than its background there
-        assert float(image[brain].mean()) > float(image[distance > 2 * NETWORK_SPACING_MM].mean()) * 0.5
+        assert float(image[brain].mean()) > float(image[distance > 0.5].mean()) * 0.5
 
 
 def test_training_draws_cut_the_field_of_view_through_the_brain(label_maps):
