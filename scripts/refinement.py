@@ -41,20 +41,25 @@ def _plain(image) -> torch.Tensor:
     return torch.as_tensor(getattr(image, "as_tensor", lambda: image)())
 
 
-def sample_region(
-    mask: torch.Tensor, affine: torch.Tensor, margin_mm: float, count: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``count`` random world points ``(count, 3)`` (float64, mm) in a ``(1, D, H, W)`` mask dilated by ``margin_mm``
-    (a cube of that half-width): voxels drawn without replacement (with, when fewer than ``count``), each moved by a
-    uniform random offset within its voxel. Empty region: ``(0, 3)``."""
-    region = mask[None].to(torch.float32) > 0.5
+def region_voxels(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> torch.Tensor:
+    """Voxel indices ``(N, 3)`` (float64) of a ``(1, D, H, W)`` mask dilated by ``margin_mm`` (a cube of that
+    half-width: three 1-D maximum filters, the cube being separable)."""
+    region = mask[None].to(torch.float32)
     spacing = affine[:3, :3].norm(dim=0)
-    radius = int(round(margin_mm / float(spacing.min()))) if margin_mm > 0 else 0
-    if radius:
-        region = F.max_pool3d(region.to(torch.float32), 2 * radius + 1, stride=1, padding=radius) > 0.5
-    voxels = torch.nonzero(region[0, 0]).to(torch.float64)
-    if len(voxels) == 0:
-        return torch.zeros(0, 3, dtype=torch.float64)
+    for axis in range(3):
+        radius = int(round(margin_mm / float(spacing[axis]))) if margin_mm > 0 else 0
+        if radius:
+            kernel = [1, 1, 1]
+            kernel[axis] = 2 * radius + 1
+            padding = [0, 0, 0]
+            padding[axis] = radius
+            region = F.max_pool3d(region, kernel, stride=1, padding=padding)
+    return torch.nonzero(region[0, 0] > 0.5).to(torch.float64)
+
+
+def sample_points(voxels: torch.Tensor, affine: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random world points ``(count, 3)`` (float64, mm) among ``voxels`` ``(N, 3)``: voxels drawn without
+    replacement (with, when fewer than ``count``), each moved by a uniform random offset within its voxel."""
     if len(voxels) >= count:
         chosen = voxels[torch.randperm(len(voxels), generator=generator)[:count]]
     else:
@@ -134,8 +139,9 @@ def refine_affine(
     fixed_affine = torch.as_tensor(fixed_affine).to(torch.float64)
     on_cpu = fixed_affine.cpu()
     generator = torch.Generator().manual_seed(seed)
-    points = sample_region(fixed_mask, on_cpu, margin_mm, samples, generator).to(device)
-    check_points = sample_region(fixed_mask, on_cpu, margin_mm, check_samples, generator).to(device)
+    voxels = region_voxels(fixed_mask, on_cpu, margin_mm)
+    points = sample_points(voxels, on_cpu, samples, generator).to(device)
+    check_points = sample_points(voxels, on_cpu, check_samples, generator).to(device)
     center = apply_affine(on_cpu, torch.nonzero(fixed_mask[0] > 0.5).to(torch.float64)).mean(0).to(device)
     loss = GlobalMutualInformationLoss(num_bins=num_bins, sigma_ratio=0.5)
     levels = [((fixed, fixed_affine, moving, moving_affine), iterations, learning_rate)]
@@ -154,7 +160,7 @@ def refine_affine(
         for images, steps, rate in levels:
             cost = _Cost(*images, points, loss)
             linear, shift = _descend(cost, moved, linear, shift, steps, rate, tolerance, patience)
-    if check_samples > 0 and len(check_points):
+    if check_samples > 0:
         check = _Cost(*levels[-1][0], check_points, loss)
         with torch.no_grad():
             if float(check(moved(check_points, linear, shift))) >= float(check(moved(check_points, *zero))):

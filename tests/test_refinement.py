@@ -6,7 +6,7 @@ import math
 import torch
 
 from scripts.coordinates import apply_affine
-from scripts.refinement import refine_affine, sample_region
+from scripts.refinement import refine_affine, region_voxels, sample_points
 
 
 def phantom(size: int = 48, spacing: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_the_independent_check_keeps_the_initial_solution_when_the_sample_is_ove
 def test_points_cover_the_brain_edge():
     """The points are drawn in the mask dilated by the margin: some lie outside the brain, within the margin."""
     _, mask, affine = phantom()
-    points = sample_region(mask, affine, 6.0, 4000, torch.Generator().manual_seed(0))
+    points = sample_points(region_voxels(mask, affine, 6.0), affine, 4000, torch.Generator().manual_seed(0))
     x, y, z = points.T
     radius = ((x / 38) ** 2 + (y / 44) ** 2 + (z / 34) ** 2).sqrt()
     assert points.shape == (4000, 3)
