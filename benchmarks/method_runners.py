@@ -88,7 +88,13 @@ class KeyMorphOnFiles:
         fixed_net, moving_net = fixed["image"][None], moving["image"][None]
         with torch.no_grad():
             compute_start = time.perf_counter()
-            registration = self.inferer(fixed_net, moving_net, self.network)
+            registration = self.inferer(
+                fixed_net,
+                moving_net,
+                self.network,
+                fixed_native=[fixed.get("native")],
+                moving_native=[moving.get("native")],
+            )
             warp_moving(
                 registration,
                 moving_net.as_tensor(),

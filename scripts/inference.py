@@ -309,6 +309,8 @@ class RegistrationEvaluator(SupervisedEvaluator):
                     item["image"][None].to(engine.state.device),
                     self.network,
                     fixed_mask=fixed["mask"][None].to(engine.state.device),
+                    fixed_native=[fixed["native"].to(engine.state.device)] if "native" in fixed else None,
+                    moving_native=[item["native"].to(engine.state.device)] if "native" in item else None,
                 )
         except Exception as error:
             if worker_died(error):

@@ -65,6 +65,13 @@ OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
     "search_turns": ("also try the network grid turned by 180 degrees about each axis when the fit is poor", None),
     "turn_search_above_mm": ("keypoint residual (mm) above which the turns are tried (0: always)", None),
     "refine_iterations": ("steps of mutual-information refinement after the keypoint fit (0: none)", None),
+    "refine_fine_iterations": ("refinement steps at the images' own resolution after those on the 2 mm grids", None),
+    "refine_margin_mm": ("the refinement's points cover the fixed brain and this margin around it (mm)", None),
+    "refine_samples": ("points of the refinement's mutual information", None),
+    "refine_check_samples": (
+        "other points that must confirm the refinement's gain, else it is dropped (0: none)",
+        None,
+    ),
     "num_workers": ("processes preparing the next images while one is registered (0: none, one after another)", None),
     "qc_min_similarity": ("QC: 'suspect' below this normalized mutual information", None),
     "qc_max_residual_mm": ("QC: 'suspect' above this keypoint residual (mm)", None),

@@ -17,6 +17,7 @@ from monai.inferers import Inferer
 from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, ThinPlateSpline, fit_residual
 from scripts.cli import as_bool
 from scripts.coordinates import (
+    affine_of,
     apply_affine,
     batched_affine,
     sampling_grid,
@@ -203,6 +204,18 @@ def warp_moving(
     return warp(moving, grid, mode=mode)
 
 
+def native_pair(fixed_native: list | None, moving_native: list | None, index: int) -> tuple | None:
+    """``(fixed, fixed_affine, moving, moving_affine)`` of case ``index`` at the images' own resolution (plain
+    tensors), or None when either is missing."""
+    if fixed_native is None or moving_native is None:
+        return None
+    fixed, moving = fixed_native[index], moving_native[index]
+    if fixed is None or moving is None:
+        return None
+    plain = [image.as_tensor() if hasattr(image, "as_tensor") else image for image in (fixed, moving)]
+    return plain[0], affine_of(fixed), plain[1], affine_of(moving)
+
+
 class KeyMorphInferer(Inferer):
     """The bundle's ``inferer``: registers a fixed and a moving network-grid image with a keypoint network.
 
@@ -214,6 +227,8 @@ class KeyMorphInferer(Inferer):
         tps_lambda: smoothing of the thin-plate spline.
         refine_iterations: steps of mutual-information refinement of the affine keypoint solution
             (:func:`scripts.refinement.refine_affine`); 0 keeps the keypoint solution.
+        refine_options: further keyword arguments of :func:`scripts.refinement.refine_affine` (e.g.
+            ``fine_iterations``, ``margin_mm``, ``check_samples``).
         search_turns: also try the moving grid turned by 180 degrees about each axis and keep the most consistent
             keypoints (:func:`register_best_turn`).
         turn_search_above_mm: with ``search_turns``, try the other turns only when the keypoint residual of the
@@ -226,6 +241,7 @@ class KeyMorphInferer(Inferer):
         aligner: str = "affine",
         tps_lambda: float = 0.0,
         refine_iterations: int = 0,
+        refine_options: dict | None = None,
         search_turns: bool = False,
         turn_search_above_mm: float = 0.0,
         keypoint_weighting: str = "uniform",
@@ -237,16 +253,25 @@ class KeyMorphInferer(Inferer):
             raise ValueError(f"unknown keypoint weighting {keypoint_weighting!r}; choose one of {KEYPOINT_WEIGHTINGS}")
         self.keypoint_weighting = keypoint_weighting
         self.aligner, self.tps_lambda, self.refine_iterations = aligner, tps_lambda, refine_iterations
+        self.refine_options = dict(refine_options or {})
         self.search_turns = as_bool(search_turns, "search_turns")
         if self.search_turns and aligner not in MATRIX_ALIGNERS:
             raise ValueError(f"search_turns works with the aligners {', '.join(MATRIX_ALIGNERS)}, not {aligner}")
         self.turn_search_above_mm = float(turn_search_above_mm)
 
     def __call__(
-        self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, fixed_mask: torch.Tensor | None = None
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        network: nn.Module,
+        fixed_mask: torch.Tensor | None = None,
+        fixed_native: list | None = None,
+        moving_native: list | None = None,
     ) -> Registration:
         """Register ``(B, 1, D, H, W)`` network-grid images; ``fixed_mask`` (same shape; default: fixed > 0) is where
-        the refinement measures similarity."""
+        the refinement measures similarity; ``fixed_native`` and ``moving_native`` (one ``(1, D', H', W')``
+        MetaTensor per case, intensities as the network grids', or None) are the images at their own resolution,
+        the refinement's fine level."""
         fixed_data = fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed
         moving_data = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
         fixed_affine, moving_affine = batched_affine(fixed), batched_affine(moving)
@@ -283,6 +308,8 @@ class KeyMorphInferer(Inferer):
                     moving_affine[i],
                     registration.fixed_to_moving[i],
                     self.refine_iterations,
+                    fine=native_pair(fixed_native, moving_native, i),
+                    **self.refine_options,
                 )
                 for i in range(len(fixed_data))
             ]

@@ -158,6 +158,7 @@ def check_inference_settings(
     search_turns=True,
     head_pose=True,
     refine_iterations: int = 0,
+    refine_options: dict | None = None,
     turn_search_above_mm: float = 0.0,
     num_workers: int = 0,
     num_threads: int | None = None,
@@ -177,7 +178,8 @@ def check_inference_settings(
 
     In order: command-line keys that the config does not have (only when run as ``python -m monai.bundle run``;
     ``argv`` defaults to ``sys.argv``); setting values (skull stripping backends, aligner, ``overwrite``,
-    ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, ``turn_search_above_mm``,
+    ``header_only``, ``search_turns``, ``head_pose``, ``refine_iterations``, the refinement's ``refine_options``
+    (named as the config's ``refine_*`` settings), ``turn_search_above_mm``,
     ``num_workers``, ``num_threads``, network and grid sizes, device, QC thresholds, ``mask_dir``); the inputs
     (``dataset_dir`` with images, or a readable ``pairs_csv``); the fixed image (folder mode; in pairs mode a bad
     fixed image is an error of its rows; ``needs_fixed_image`` false: not at all, for a groupwise run, whose fixed
@@ -224,6 +226,13 @@ def check_inference_settings(
     )
     if problem:
         fail(problem)
+    refine_minimums = {"fine_iterations": (0, True), "margin_mm": (0, False), "samples": (100, True)}
+    refine_minimums["check_samples"] = (0, True)
+    for name, value in dict(refine_options or {}).items():
+        minimum, integer = refine_minimums[name]
+        problem = _number_problem(f"refine_{name}", value, minimum, integer=integer)
+        if problem:
+            fail(problem)
     if (
         not isinstance(network_channels, (list, tuple))
         or len(network_channels) != 4

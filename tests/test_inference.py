@@ -467,6 +467,8 @@ def test_valid_settings_pass_and_create_the_output_folder(settings):
         ({"spacing": -1.0}, ["--spacing"]),
         ({"num_keypoints": 0}, ["--num_keypoints 0"]),
         ({"num_workers": -1}, ["--num_workers -1", "at least 0"]),
+        ({"refine_options": {"margin_mm": "wide"}}, ["--refine_margin_mm 'wide'", "not a number"]),
+        ({"refine_options": {"check_samples": -5}}, ["--refine_check_samples -5", "at least 0"]),
         ({"num_threads": "many"}, ["--num_threads 'many'", "not an integer"]),
         ({"network_channels": [8, 8]}, ["--network_channels [8, 8]", "four positive integers"]),
         ({"device": "gpu"}, ["--device 'gpu'"]),

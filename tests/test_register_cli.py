@@ -46,7 +46,7 @@ def test_help_lists_settings_defaults_and_choices(capsys):
         "--skull_strip {bundle,deepbet,mask,none}",
         "(default: deepbet)",
         "--aligner {affine,rigid,similarity}",
-        "(default: 60)",
+        "(default: 40)",
         "--search_turns, --no-search_turns",
         "--threads",
         "--bids SUFFIX",
