@@ -6,7 +6,8 @@ which the benchmark calls too), the transform files of :func:`scripts.transform_
 (``transform.tfm``: ITK, fixed -> moving physical points, LPS; its inverse; ``affine_ras.txt``: moving RAS mm ->
 fixed RAS mm; FSL FLIRT and FreeSurfer LTA files), ``moving_mask.nii.gz`` (the moving brain mask on the moving
 grid), ``keypoints_moving.csv`` and ``keypoints_fixed.csv`` (RAS mm), ``qc.png`` (the fixed image's edges over the
-registered image, fixed grid), ``qc_keypoints.png`` (the network grids with the keypoints), ``provenance.json``,
+registered image, fixed grid), ``qc_keypoints.png`` (the network grids with the keypoints), ``provenance.json``
+(what produced the case, and the case's ``summary.csv`` row: :data:`scripts.provenance.SUMMARY_ROW_KEY`),
 optionally ``registered_header_only.nii.gz`` (the moving voxels with the header moved into the fixed space) and,
 for each accompanying image ``EXTRA`` (``apply_to``), ``registered_EXTRA``; ``OUT_DIR/summary.csv`` gets one row per
 input and ``OUT_DIR/index.html`` shows them all, worst first (:mod:`scripts.qc_report`).
@@ -23,8 +24,14 @@ The folder's files cost the same per case however many cases came before: each c
 ``summary.csv`` as the case ends (a later row of a name replaces its earlier ones, as a redone case's does), and
 ``summary.csv`` as a whole (one row per case) and ``index.html`` are rebuilt when a run starts on an earlier
 summary, with its first case, then at most every :data:`REBUILD_SECONDS` (less often when a rebuild takes long:
-:data:`REBUILD_SHARE`) and at its end. A killed run so leaves a ``summary.csv`` with a row for every case it
-finished.
+:data:`REBUILD_SHARE`) and at its end.
+
+No finished case loses its row, whenever a run is killed: a case's folder records the case's row (in
+``provenance.json``, written into the staging folder, so the row is there as soon as the folder is), and a rerun
+that skips a finished case takes its row from the folder, also when the killed run put the folder in place but
+did not get to append the row (or appended it only to a rank's row file). The rows of a killed run's other
+finished cases are in ``summary.csv`` (and the row files) already. A folder written before folders recorded their
+row keeps the row ``summary.csv`` has for it.
 
 Under ``torchrun`` (``configs/multi_gpu_inference.yaml``) every rank runs a writer for its own share of the cases
 and writes their folders (atomic as above); the writers follow the default process group. Rank 0 alone holds the
@@ -33,7 +40,8 @@ rows, then tells the others (the same one-line refusal on every rank when the fo
 rank 0 keeps ``summary.csv`` and ``index.html`` current with its own cases, each other rank appends its rows to
 ``OUT_DIR/.keymorph-rows-RANK.csv``; when every rank is done, rank 0 merges all rows into ``summary.csv`` and
 ``index.html`` and removes the row files, and every rank learns the counts of the whole job (one exit code). A
-killed job loses no finished case: its folders are complete, and the next run merges the row files it finds.
+killed job loses no finished case: its folders are complete and record their rows, and the next run merges the
+row files it finds.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ from scripts.output_folder import (
     replace_folder,
     staging_name,
 )
-from scripts.provenance import PROVENANCE_FILE, write_provenance
+from scripts.provenance import PROVENANCE_FILE, SUMMARY_ROW_KEY, read_provenance, write_provenance
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.qc_report import EdgesFigure, write_index
 from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
@@ -289,19 +297,19 @@ class RegistrationWriter:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        row = {key: output.get(key, "") for key in self.summary_columns}
+        row = self._output_row(output)
         if output["status"] == "skipped":
-            row = dict(self.rows.get(output["name"], row))
+            row = self._recorded_row(output["name"]) or dict(self.rows.get(output["name"], row))
         elif output["status"] == "ok":
             moving_path = source_path(output["moving"])
             try:
-                row.update(self._write_case(output))
+                row = self._write_case(output)
             except Exception as error:  # one case must never stop the folder
                 if worker_died(error):
                     raise
                 logger.debug("writing the outputs of %s failed", moving_path, exc_info=True)
                 row.update(status="error", message=message_naming(error, moving_path))
-            row["seconds"] = time.perf_counter() - output["start"]
+                row["seconds"] = time.perf_counter() - output["start"]
         row["seconds"] = format_seconds(row.get("seconds"))
         name = output["name"]
         unchanged = self.rows_in_file.get(name) == row  # a skipped case's earlier row, already in the file
@@ -349,21 +357,40 @@ class RegistrationWriter:
             writer.writerow(row)
         self.rows_in_file[row["name"]] = row
 
+    def _output_row(self, output: dict) -> dict:
+        """The summary row of an iteration output, as the evaluator gives it (its ``summary_columns``)."""
+        return {key: output.get(key, "") for key in self.summary_columns}
+
+    def _recorded_row(self, name: str) -> dict | None:
+        """The summary row the folder of the finished case ``name`` records (:meth:`_write_case`), or None when it
+        records none (a folder of an older version of the bundle)."""
+        recorded = (read_provenance(os.path.join(self.output_dir, name)) or {}).get(SUMMARY_ROW_KEY)
+        if not isinstance(recorded, dict):
+            return None
+        return {**{key: str(recorded.get(key, "")) for key in self.summary_columns}, "name": name}
+
     def _write_case(self, output: dict) -> dict:
-        """Write one case through a staging folder; returns the summary fields (status, message, scores)."""
+        """Write one case through a staging folder; returns its summary row (status, message, scores, seconds),
+        which ``provenance.json`` records with what produced the case before the folder is put in place: the row
+        is never lost once the folder exists (:meth:`_recorded_row`)."""
         name = output["name"]
         final = inside(self.output_dir, name)
         staging = inside(self.output_dir, staging_name("tmp", name))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
-            fields = self._write_files(output, staging)
+            row = {**self._output_row(output), **self._write_files(output, staging)}
+            row["seconds"] = format_seconds(time.perf_counter() - output["start"])
+            record = {**(output["moving"].get("provenance") or {}), SUMMARY_ROW_KEY: row}
+            write_atomically(os.path.join(staging, PROVENANCE_FILE), lambda p: write_provenance(p, record))
             replace_folder(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return fields
+        return row
 
     def _write_files(self, output: dict, folder: str) -> dict:
+        """Write the case's files but ``provenance.json`` into ``folder``; returns the summary fields (status,
+        message, QC scores)."""
         registration, fixed, moving = output["registration"].to("cpu"), output["fixed"], output["moving"]
         moving_volume = moving["original"]
         source = moving_volume.meta.get("filename_or_obj", output["name"])
@@ -381,8 +408,6 @@ class RegistrationWriter:
         if self.header_only:
             moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
             write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
-        record = moving.get("provenance") or {}
-        write_atomically(os.path.join(folder, PROVENANCE_FILE), lambda p: write_provenance(p, record))
         for role, points in (("moving", registration.moving_points), ("fixed", registration.fixed_points)):
             path = os.path.join(folder, f"keypoints_{role}.csv")
             write_atomically(path, lambda p, pts=points: write_keypoints_csv(p, pts[0].detach().cpu()))

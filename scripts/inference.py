@@ -16,7 +16,8 @@ Failures and reruns:
 * A case is done when ``OUT_DIR/NAME`` holds every output file (:func:`scripts.case_outputs.case_done`, including
   ``registered_EXTRA``) and its ``provenance.json`` (:mod:`scripts.provenance`) matches what the run would record
   now (fixed, moving, mask and accompanying files, weights, result-changing settings). Done cases are skipped
-  without being preprocessed, and keep their earlier summary row, unless ``overwrite`` is set; cases recorded
+  without being preprocessed, and keep their summary row (the one their folder records, else the earlier
+  ``summary.csv``'s: :mod:`scripts.case_outputs`), unless ``overwrite`` is set; cases recorded
   otherwise are redone, their row saying what changed. Failed cases have no folder, so a rerun retries them.
 * Hidden NIfTI files, MGH/MGZ and Analyze/NIfTI-pair files of the input folder are not read; each gets a
   ``skipped`` row saying why (:func:`not_read_reason`).

@@ -7,6 +7,10 @@ OUT_DIR compares the record of each finished case with what it would use now: a 
 fixed image, other settings or weights, an edited input) or without a record is REDONE, and its summary row says
 what changed; ``--overwrite true`` redoes every case. Paths are recorded for the reader but not compared, so a
 moved input folder does not redo anything.
+
+The record also holds the case's ``summary.csv`` row (:data:`SUMMARY_ROW_KEY`; not compared), written with the
+folder: a rerun that skips the case takes its row from there (:mod:`scripts.case_outputs`), so a run killed after
+putting the folder in place but before adding the row to ``summary.csv`` loses nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 from scripts.hashes import file_hash
 
 PROVENANCE_FILE = "provenance.json"
+#: The key of the case's summary row (status, message, QC scores, seconds) in the record.
+SUMMARY_ROW_KEY = "summary_row"
 # The fields compared between a record and a rerun, and how a difference reads in the summary.
 COMPARED = {
     "fixed_sha256": "the fixed image",

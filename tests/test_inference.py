@@ -722,6 +722,53 @@ def test_a_kill_between_the_two_renames_leaves_the_case_absent_not_mixed(writer_
     assert os.listdir(output) == []
 
 
+def test_a_kill_after_the_folder_is_in_place_and_before_its_row_costs_the_case_no_row(
+    writer_output, tmp_path, monkeypatch
+):
+    """A run killed the moment a case's folder is in place (renamed from staging), before its row reached
+    summary.csv: the rerun skips the finished case and gives it its real row (from the folder), not a ``skipped``
+    row nor the row of an earlier failure."""
+    import scripts.case_outputs as case_outputs
+
+    engine = type("Engine", (), {})()
+    engine.state = type("State", (), {"output": writer_output})()
+    uninterrupted = case_outputs.RegistrationWriter(str(tmp_path / "uninterrupted"))
+    uninterrupted._load_summary(engine)
+    uninterrupted(engine)
+    uninterrupted._report(engine)
+    expected = read_summary(tmp_path / "uninterrupted")["case"]
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "summary.csv").write_text("name,status,message\ncase,error,an earlier run failed\n")
+    replace_folder = case_outputs.replace_folder
+
+    def replace_then_die(staging, final):
+        replace_folder(staging, final)
+        raise KeyboardInterrupt  # as a kill: nothing after the rename runs
+
+    monkeypatch.setattr(case_outputs, "replace_folder", replace_then_die)
+    killed = case_outputs.RegistrationWriter(str(output))
+    killed._load_summary(engine)
+    with pytest.raises(KeyboardInterrupt):
+        killed(engine)
+    killed.lock.release()  # what the kernel does when a process dies
+    monkeypatch.setattr(case_outputs, "replace_folder", replace_folder)
+    assert case_outputs.case_done(str(output), "case")  # the window: the folder in place, its row not written
+    assert read_summary(output)["case"]["status"] == "error"
+
+    engine.state.output = {"name": "case", "status": "skipped", "message": "outputs exist", "seconds": 0.0}
+    rerun = case_outputs.RegistrationWriter(str(output))
+    rerun._load_summary(engine)
+    rerun(engine)
+    rerun._report(engine)
+    assert engine.state.registration_counts == {"skipped": 1}  # not redone
+    row = read_summary(output)["case"]
+    assert row["status"] in ("ok", "suspect") and float(row["keypoint_residual_mm"]) >= 0, row
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+    assert float(row["seconds"]) > 0
+
+
 def test_writer_removes_the_staging_folders_of_a_killed_run(tmp_path):
     from scripts.case_outputs import RegistrationWriter
 

@@ -3,7 +3,8 @@ CPU processes (gloo) on small synthetic brains and the small random network of `
 
 Checked: every case registered exactly once across the ranks, one merged ``summary.csv`` row per case in the order
 a single process writes them, the same matrices as a single-process run, resuming after a deleted case folder and
-after one rank was killed mid-run (no finished case lost or redone, the killed rank's rows kept), a rank without
+after one rank was killed mid-run (no finished case lost or redone, the killed rank's rows kept), also killed
+between putting a case folder in place and writing its row (the rerun gives the case its real row), a rank without
 cases (more ranks than cases), and the overlay merging with ``inference.yaml``.
 
 Every run here uses one thread per process (``OMP_NUM_THREADS=1``, what ``torchrun`` sets for its workers): a
@@ -27,6 +28,7 @@ from test_inference import ROOT, inference_arguments, rigid, run_bundle, write_c
 from torchrun_commands import torchrun_command
 
 from scripts.case_outputs import case_done
+from scripts.output_folder import rank_rows_files, read_summary_rows
 from scripts.transform_io import read_itk_transform
 
 INFERENCE = str(ROOT / "configs" / "inference.yaml")
@@ -48,13 +50,16 @@ def layered_inference_command(arguments) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIGS, *arguments]
 
 
-def torchrun_env() -> dict[str, str]:
-    return {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+def torchrun_env(python_path=()) -> dict[str, str]:
+    """The environment of a job: one thread per process, the bundle (after ``python_path``) on PYTHONPATH."""
+    path = os.pathsep.join([*map(str, python_path), str(ROOT)])
+    return {**os.environ, **ONE_THREAD, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
 
 
-def run_torchrun(arguments, processes: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(arguments, processes: int = 2, python_path=()) -> subprocess.CompletedProcess:
     command = torchrun_command(layered_inference_command(arguments), processes)
-    return subprocess.run(command, cwd=ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    environment = torchrun_env(python_path)
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
 def log(process) -> str:
@@ -186,6 +191,50 @@ def test_a_killed_rank_loses_no_finished_case_and_a_rerun_completes_the_rest(run
     # every row is a registration's, also those of the killed rank's finished cases (kept in its row file)
     assert all(row["status"] == "ok" and row["keypoint_residual_mm"] for row in rows), rows
     assert sorted(os.listdir(output)) == sorted([*names, "index.html", "summary.csv"])
+
+
+# Loaded by every python of the job through PYTHONPATH: rank 1 is killed (as by kill -9) the moment it has put its
+# first case folder in place (renamed from staging), before the case's row reaches its row file.
+KILL_RANK_1_AFTER_ITS_FIRST_FOLDER = """
+import os, signal
+
+if os.environ.get("RANK") == "1":
+    rename = os.rename
+
+    def rename_then_die(source, target):
+        rename(source, target)
+        if os.path.basename(source).startswith(".keymorph-tmp-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_die
+"""
+
+
+def test_a_rank_killed_between_a_case_folder_and_its_row_leaves_the_rerun_its_real_row(runs, tmp_path):
+    """The window a kill can hit at any time, hit on purpose: the rerun skips the finished case and the merged
+    summary has its registration's row (status, QC scores), as an uninterrupted job writes it, not ``skipped``."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(KILL_RANK_1_AFTER_ITS_FIRST_FOLDER)
+    output = tmp_path / "out"
+    arguments = with_output(runs["arguments"], output)
+    killed = run_torchrun(arguments, python_path=[tmp_path / "inject"])
+    assert killed.returncode != 0, log(killed)[-3000:]
+    assert case_done(str(output), "case1")  # rank 1's first case is in place ...
+    written = {}
+    for path in [output / "summary.csv", *map(Path, rank_rows_files(str(output)))]:
+        written.update(read_summary_rows(str(path)) if path.exists() else {})
+    assert "case1" not in written, written  # ... and its row is nowhere
+    finished = [name for name in NAMES if case_done(str(output), name)]
+    before = snapshot(output, finished)
+
+    process = run_torchrun(arguments)
+    assert process.returncode == 0, log(process)[-3000:]
+    assert f"5 input(s): {5 - len(finished)} ok, {len(finished)} skipped" in log(process), log(process)[-2000:]
+    assert snapshot(output, finished) == before  # not redone
+    rows = {row["name"]: row for row in without_seconds(summary_rows(output))}
+    uninterrupted = {row["name"]: row for row in without_seconds(summary_rows(runs["root"] / "two"))}
+    assert len(summary_rows(output)) == len(NAMES) and rows == uninterrupted
+    assert sorted(os.listdir(output)) == sorted([*NAMES, "index.html", "summary.csv"])
 
 
 def test_more_ranks_than_cases_and_a_bad_input(runs, tmp_path):
