@@ -50,8 +50,9 @@ class SyntheticPairDataset(RandomDrawDataset):
 
     Each draw picks two label maps (different subjects), or with ``same_subject_probability`` one label map seen
     in two contrasts (deformed once, so the true transform between the two is exactly the augmentations' affine).
-    Each image then goes through ``augmentation`` (a :class:`scripts.random_motions.RandWorldAffined`) and ``frame``
-    (a :class:`scripts.brain_frame.BrainFramed`). Label maps are read once, resampled to ``spacing`` mm, and kept.
+    Each image then goes through ``mask_errors`` (a :class:`scripts.mask_errors.RandBrainMaskErrord`: skull
+    stripping with a brain extractor's errors, as at inference), ``augmentation`` (a
+    :class:`scripts.random_motions.RandWorldAffined`) and ``frame`` (a :class:`scripts.brain_frame.BrainFramed`). Label maps are read once, resampled to ``spacing`` mm, and kept.
 
     Args:
         label_maps: paths of label maps.
@@ -61,6 +62,7 @@ class SyntheticPairDataset(RandomDrawDataset):
         frame: network-grid resampling of image, mask and label.
         spacing: spacing (mm) the label maps are resampled to before synthesis (then cropped to the head).
         same_subject_probability: probability of a same-subject, two-contrast pair.
+        mask_errors: the brain mask an extractor would give, and the image cut to it (None: the exact mask).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class SyntheticPairDataset(RandomDrawDataset):
         frame,
         spacing: float = 2.0,
         same_subject_probability: float = 0.5,
+        mask_errors=None,
     ):
         self.label_maps = list(label_maps)
         self.length = int(length)
@@ -79,7 +82,7 @@ class SyntheticPairDataset(RandomDrawDataset):
         # the second contrast of one subject keeps the first draw's anatomy: no second deformation
         self.recontrast = copy.deepcopy(synthesis)
         self.recontrast.deform_std = 0.0
-        self.augmentation, self.frame = augmentation, frame
+        self.augmentation, self.frame, self.mask_errors = augmentation, frame, mask_errors
         self.spacing = spacing
         self.same_subject_probability = same_subject_probability
         self._cache: dict[int, torch.Tensor] = {}
@@ -95,6 +98,8 @@ class SyntheticPairDataset(RandomDrawDataset):
         return self._cache[index]
 
     def _finish(self, item: dict, modality: str) -> dict:
+        if self.mask_errors is not None:
+            item = self.mask_errors(item)
         item = self.frame(self.augmentation(item))
         item["modality"] = modality
         return item
@@ -118,7 +123,8 @@ class SyntheticPairDataset(RandomDrawDataset):
         }
 
     def random_parts(self) -> tuple:
-        return (self.synthesis, self.recontrast, self.augmentation, self.frame)
+        parts = (self.synthesis, self.recontrast, self.augmentation, self.frame)
+        return parts if self.mask_errors is None else parts + (self.mask_errors,)
 
 
 class PretrainingDataset(RandomDrawDataset):
@@ -318,6 +324,7 @@ def make_pair_dataset(
     spacing: float = 2.0,
     same_subject_probability: float = 0.5,
     skull_strip: str = "deepbet",
+    mask_errors=None,
 ):
     """The pair dataset for ``source`` (see :func:`scripts.datalists.detect_source`): a folder of label maps gives
     synthetic pairs (:class:`SyntheticPairDataset`, ``synthesis`` used), an IXI-layout folder or a CSV datalist
@@ -325,14 +332,18 @@ def make_pair_dataset(
     file, the brain-mask backend ``skull_strip``; ``spacing`` is then the spacing the images are kept at).
 
     The subjects of ``split`` are chosen by :func:`training_images` (``exclude``, ``include`` or a CSV ``split``
-    column). Raises :class:`KeyMorphInputError` (one line) when ``source`` holds nothing usable.
+    column). ``mask_errors`` (synthetic pairs only: a real image's mask is already an extractor's) is the
+    :class:`scripts.mask_errors.RandBrainMaskErrord` of :class:`SyntheticPairDataset`. Raises
+    :class:`KeyMorphInputError` (one line) when ``source`` holds nothing usable.
     """
     kind, found = training_images(source, split, exclude, include)
     if kind != "label_maps":
         return ImagePairDataset(
             found, length, augmentation, frame, preprocessing, spacing, same_subject_probability, skull_strip
         )
-    return SyntheticPairDataset(found, length, synthesis, augmentation, frame, spacing, same_subject_probability)
+    return SyntheticPairDataset(
+        found, length, synthesis, augmentation, frame, spacing, same_subject_probability, mask_errors
+    )
 
 
 def make_pretraining_dataset(
