@@ -16,6 +16,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_tensor
 from scipy.ndimage import gaussian_filter
 
 from scripts.coordinates import affine_of, apply_affine, centred_grid, sampling_grid, warp
@@ -145,7 +146,7 @@ class BrainFramed(RandomizableTransform, MapTransform):
     def _sample(
         self, image: torch.Tensor, frame: torch.Tensor, grid: torch.Tensor, mode: str, anti_alias: bool = False
     ) -> MetaTensor:
-        data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        data = convert_to_tensor(image, track_meta=False)
         if anti_alias:
             data = anti_aliased(data.to(torch.float32), affine_of(image), self.spacing)
         warped = warp(data[None].to(torch.float32), grid, mode=mode)[0]

@@ -36,6 +36,7 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
+from monai.utils import convert_to_tensor
 
 from scripts.coordinates import affine_of, resample_onto
 from scripts.errors import KeyMorphInputError, fail, first_line, workflow_step
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 def _batched(image: torch.Tensor, device) -> MetaTensor:
     """``(1, S, S, S)`` MetaTensor -> ``(1, 1, S, S, S)`` on ``device`` with its ``(4, 4)`` affine."""
-    data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    data = convert_to_tensor(image, track_meta=False)
     return MetaTensor(data[None].to(device=device, dtype=torch.float32), affine=torch.as_tensor(image.affine))
 
 

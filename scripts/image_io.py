@@ -38,6 +38,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Orientation
+from monai.utils import convert_to_tensor
 
 from scripts.coordinates import RAS_LPS_FLIP, affine_of, covering_grid_along, resample_onto
 from scripts.errors import KeyMorphInputError
@@ -286,7 +287,7 @@ def resample_world_aligned(image: torch.Tensor, spacing: Sequence[float], mode: 
     """
     affine = affine_of(image)
     new_affine, new_shape = covering_grid_along(torch.eye(3, dtype=torch.float64), affine, image.shape[1:], spacing)
-    data = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    data = convert_to_tensor(image, track_meta=False)
     resampled = resample_onto(data, affine, new_affine, new_shape, torch.eye(4, dtype=torch.float64), mode=mode)
     meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
     meta.pop("affine", None)

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
+from monai.utils import convert_to_tensor  # noqa: E402
 
 from scripts.coordinates import affine_of, world_to_voxel  # noqa: E402
 from scripts.registration import Registration, warp_moving  # noqa: E402
@@ -49,7 +50,7 @@ QC_THRESHOLDS = {"min_similarity": 0.01, "max_residual_mm": 8.0, "max_brain_fill
 
 def brain_fill(mask: torch.Tensor) -> float:
     """Fraction of the voxels of a mask ``(1, D, H, W)`` (or ``(D, H, W)``) that are brain (> 0.5)."""
-    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    mask = convert_to_tensor(mask, track_meta=False)
     return int(torch.count_nonzero(mask > 0.5)) / max(mask.numel(), 1)  # no float copy of a 512^3 mask
 
 
@@ -61,8 +62,8 @@ def neighbour_correlation(image: torch.Tensor, mask: torch.Tensor, max_pairs: in
     Large images use the pairs starting at every n-th voxel along each axis (n chosen so about ``max_pairs``
     positions per axis remain; the pairs are still neighbours), which keeps a 256^3 volume to a fraction of a second.
     """
-    image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-    mask = mask.as_tensor() if hasattr(mask, "as_tensor") else torch.as_tensor(mask)
+    image = convert_to_tensor(image, track_meta=False)
+    mask = convert_to_tensor(mask, track_meta=False)
     values, brain = image.reshape(image.shape[-3:]), mask.reshape(mask.shape[-3:]) > 0.5
     step = max(1, math.ceil((values.numel() / max_pairs) ** (1 / 3)))
     firsts, seconds = [], []

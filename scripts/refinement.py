@@ -30,15 +30,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
+from monai.utils import convert_to_tensor
 
 from scripts.coordinates import apply_affine, warp, world_points_to_grid
 
 #: parameters' scale: 1 means 10 % of linear change (``L``) or 10 mm of translation (``t``)
 LINEAR_SCALE, SHIFT_SCALE = 0.1, 10.0
-
-
-def _plain(image) -> torch.Tensor:
-    return torch.as_tensor(getattr(image, "as_tensor", lambda: image)())
 
 
 def region_voxels(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> torch.Tensor:
@@ -78,8 +75,8 @@ class _Cost:
     """Mutual-information cost (lower is better) of fixed-to-moving matrices at fixed points on one level."""
 
     def __init__(self, fixed, fixed_affine, moving, moving_affine, points: torch.Tensor, loss: torch.nn.Module):
-        self.fixed_values = _values(_plain(fixed), torch.as_tensor(fixed_affine), points)
-        self.moving, self.moving_affine = _plain(moving), torch.as_tensor(moving_affine)
+        self.fixed_values = _values(convert_to_tensor(fixed, track_meta=False), torch.as_tensor(fixed_affine), points)
+        self.moving, self.moving_affine = convert_to_tensor(moving, track_meta=False), torch.as_tensor(moving_affine)
         self.points, self.loss = points, loss
 
     def __call__(self, moved_points: torch.Tensor) -> torch.Tensor:
@@ -132,7 +129,7 @@ def refine_affine(
     """
     if iterations <= 0:
         return initial
-    fixed_mask = _plain(fixed_mask).cpu()
+    fixed_mask = convert_to_tensor(fixed_mask, track_meta=False).cpu()
     if int((fixed_mask > 0.5).sum()) < 100:
         return initial
     device = initial.device

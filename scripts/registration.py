@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from monai.inferers import Inferer
+from monai.utils import convert_to_tensor
 
 from scripts.aligners import ALIGNERS, MATRIX_ALIGNERS, ThinPlateSpline, fit_residual
 from scripts.cli import as_bool
@@ -212,7 +213,7 @@ def native_pair(fixed_native: list | None, moving_native: list | None, index: in
     fixed, moving = fixed_native[index], moving_native[index]
     if fixed is None or moving is None:
         return None
-    plain = [image.as_tensor() if hasattr(image, "as_tensor") else image for image in (fixed, moving)]
+    plain = [convert_to_tensor(image, track_meta=False) for image in (fixed, moving)]
     return plain[0], affine_of(fixed), plain[1], affine_of(moving)
 
 
@@ -272,8 +273,8 @@ class KeyMorphInferer(Inferer):
         the refinement measures similarity; ``fixed_native`` and ``moving_native`` (one ``(1, D', H', W')``
         MetaTensor per case, intensities as the network grids', or None) are the images at their own resolution,
         the refinement's fine level."""
-        fixed_data = fixed.as_tensor() if hasattr(fixed, "as_tensor") else fixed
-        moving_data = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
+        fixed_data = convert_to_tensor(fixed, track_meta=False)
+        moving_data = convert_to_tensor(moving, track_meta=False)
         fixed_affine, moving_affine = batched_affine(fixed), batched_affine(moving)
         if self.search_turns:
             registration = register_best_turn(

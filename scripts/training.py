@@ -16,6 +16,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceLoss, GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
+from monai.utils import convert_to_tensor
 
 from scripts.coordinates import affine_of, apply_affine, coarser_grid
 from scripts.errors import fail
@@ -33,9 +34,7 @@ from scripts.training_data import true_fixed_to_moving
 
 
 def _stack(items: list[dict], key: str) -> torch.Tensor:
-    return torch.stack(
-        [torch.as_tensor(item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key]) for item in items]
-    )
+    return torch.stack([convert_to_tensor(item[key], track_meta=False) for item in items])
 
 
 def _stack_affines(items: list[dict], key: str = "image") -> torch.Tensor:
