@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         if result["exit_code"] != 0:
             with open(log_path) as log:
                 print(log.read()[-2000:], file=sys.stderr)
-        summary = open(os.path.join(folder, "out", "summary.csv")).read().strip().splitlines()[-1]
+        summary_path = os.path.join(folder, "out", "summary.csv")
+        if not os.path.exists(summary_path):
+            sys.exit(f"the run wrote no summary.csv (exit code {result['exit_code']}; its log is above)")
+        summary = open(summary_path).read().strip().splitlines()[-1]
         print(
             f"input: {args.size}^3 float32 ({os.path.getsize(path) / 1e9:.2f} GB); skull_strip {args.skull_strip or '(default)'}"
         )
