@@ -315,9 +315,10 @@ def test_summary_rows_and_columns(folder_run):
     assert sorted(row["name"] for row in rows) == sorted(TRUTH)
     for row in rows:
         assert row["status"] in ("ok", "suspect"), row
-        for column in ("seconds", "keypoint_residual_mm", "similarity", "brain_fill", "smoothness"):
+        for column in ("seconds", "keypoint_residual_mm", "similarity", "brain_fill", "smoothness", "brain_overlap"):
             assert math.isfinite(float(row[column])), row
         assert 0 < float(row["brain_fill"]) < 0.5 and float(row["smoothness"]) > 0.5  # a "brain", not noise
+        assert 0.85 < float(row["brain_overlap"]) <= 1.0, row  # registered: the brains cover each other
     log = folder_run["process"].stdout + folder_run["process"].stderr
     assert "2 input(s): " in log
 
