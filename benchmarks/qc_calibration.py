@@ -1,4 +1,4 @@
-"""QC calibration: the keypoint residual and image similarity of right and of wrong registrations.
+"""QC calibration: the keypoint residual, image similarity and brain overlap of right and of wrong registrations.
 
     python benchmarks/qc_calibration.py --cases_dir ~/.cache/keymorph/benchmark/cases \\
         [--ckpt_path models/model.pt] [--output_dir docs/benchmark]
@@ -7,7 +7,7 @@ Reads the case folders that ``benchmarks/compare_methods.py --keep_cases`` leave
 benchmark's held-out pairs). For each pair it fits the keypoints with the moving network grid in each of its four
 180-degree turns (:data:`scripts.registration.GRID_TURNS`), without refinement, and scores every fit: the QC scores
 of :mod:`scripts.qc` (keypoint ``residual`` in mm, ``similarity`` = normalized mutual information on the fixed
-network grid) and the truth (TRE for same-subject pairs, else Dice of the labels). A pair's RIGHT registration is its
+network grid, ``brain_overlap`` = Dice of the carried moving brain mask and the fixed one) and the truth (TRE for same-subject pairs, else Dice of the labels). A pair's RIGHT registration is its
 best-scoring turn (lowest TRE, or highest Dice); the other three are WRONG ones: the network saw the moving brain in
 a pose it was not trained for, which is how this method fails when the brain's axes are misread (most such fits are
 tens of millimetres off; a few only several). The thresholds of ``configs/inference.yaml``
@@ -18,7 +18,8 @@ and how its residual compares with the wrong turns'.
 
 Writes ``qc_calibration.csv`` (one row per pair and turn) and ``qc_calibration.md`` into ``--output_dir`` and
 prints the markdown. ``--from_csv`` rewrites the markdown from an earlier ``qc_calibration.csv`` (e.g. after the
-thresholds changed) without registering anything.
+thresholds changed) without registering anything; a CSV written before ``brain_overlap`` was recorded has no
+such column, and its summary says so instead of counting it.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from scripts.bundle_api import load_config, load_state_dict  # noqa: E402
 from scripts.coordinates import affine_of  # noqa: E402
 from scripts.coordinates import turned  # noqa: E402
 from scripts.evaluation import score_case  # noqa: E402
-from scripts.qc import QC_THRESHOLDS, qc_scores  # noqa: E402
+from scripts.qc import QC_THRESHOLDS, qc_flags, qc_scores  # noqa: E402
 from scripts.registration import GRID_TURNS, fit, keypoints_world  # noqa: E402
 
-COLUMNS = ["case", "turn", "right", "residual_mm", "similarity", "dice", "tre_mm"]
+COLUMNS = ["case", "turn", "right", "residual_mm", "similarity", "brain_overlap", "dice", "tre_mm"]
 
 
 def load_case(rotation_dir: str) -> dict:
@@ -90,6 +91,7 @@ def turn_rows(fixed_preprocessing, preprocessing, network, rotation_dir: str) ->
                     "turn": index,
                     "residual_mm": scores["residual"],
                     "similarity": scores["similarity"],
+                    "brain_overlap": scores["brain_overlap"],
                     "dice": dice,
                     "tre_mm": tre,
                 }
@@ -110,11 +112,24 @@ def _quantiles(values) -> str:
 
 
 def summary_markdown(rows: list[dict], thresholds: dict, ckpt: str) -> str:
+    """The markdown summary of the rows; rows without ``brain_overlap`` (an older CSV) leave it out of the table,
+    and :func:`scripts.qc.qc_flags` counts what is there."""
+    limits = {**QC_THRESHOLDS, **thresholds}
     right = [r for r in rows if r["right"]]
     wrong = [r for r in rows if not r["right"]]
+    columns = {"residual_mm": "residual (mm)", "similarity": "similarity (NMI)"}
+    rules = [f"residual > {limits['max_residual_mm']:g} mm", f"similarity < {limits['min_similarity']:g}"]
+    with_overlap = all("brain_overlap" in r for r in rows)
+    if with_overlap:
+        columns["brain_overlap"] = "brain overlap (Dice)"
+        rules.append(f"brain overlap < {limits['min_brain_overlap']:g}")
 
     def flagged(row: dict) -> bool:
-        return row["residual_mm"] > thresholds["max_residual_mm"] or row["similarity"] < thresholds["min_similarity"]
+        scores = {"residual": row["residual_mm"], "similarity": row["similarity"]}
+        return bool(qc_flags({**scores, "brain_overlap": row.get("brain_overlap", float("nan"))}, limits))
+
+    def table_row(name: str, group: list[dict]) -> str:
+        return f"| {name} | {len(group)} | " + " | ".join(_quantiles([r[key] for r in group]) for key in columns) + " |"
 
     first = [r for r in rows if r["turn"] == 0]
     lines = [
@@ -124,16 +139,18 @@ def summary_markdown(rows: list[dict], thresholds: dict, ckpt: str) -> str:
         "right = each pair's best turn by the truth, wrong = its other three turns of the moving grid.",
         "Scores of the keypoint fit before refinement (min / median / max):",
         "",
-        "| registrations | n | residual (mm) | similarity (NMI) |",
-        "|---|---|---|---|",
-        f"| right | {len(right)} | {_quantiles([r['residual_mm'] for r in right])} | "
-        f"{_quantiles([r['similarity'] for r in right])} |",
-        f"| wrong | {len(wrong)} | {_quantiles([r['residual_mm'] for r in wrong])} | "
-        f"{_quantiles([r['similarity'] for r in wrong])} |",
+        f"| registrations | n | {' | '.join(columns.values())} |",
+        "|---|---|" + "---|" * len(columns),
+        table_row("right", right),
+        table_row("wrong", wrong),
         "",
-        f"Thresholds of configs/inference.yaml (suspect when residual > {thresholds['max_residual_mm']:g} mm or "
-        f"similarity < {thresholds['min_similarity']:g}): flag {sum(map(flagged, right))} of {len(right)} right "
-        f"and {sum(map(flagged, wrong))} of {len(wrong)} wrong registrations.",
+        f"Thresholds of configs/inference.yaml (suspect when {', '.join(rules[:-1])} or {rules[-1]}): flag "
+        f"{sum(map(flagged, right))} of {len(right)} right and {sum(map(flagged, wrong))} of {len(wrong)} wrong "
+        "registrations.",
+    ]
+    if not with_overlap:
+        lines += ["", "(No brain overlap: this qc_calibration.csv was written before the score was recorded.)"]
+    lines += [
         "",
         f"The first turn (the principal-axes frame as it is) is the right one for "
         f"{sum(r['right'] for r in first)} of {len(first)} pairs.",
@@ -148,19 +165,21 @@ def inference_thresholds() -> dict:
         **QC_THRESHOLDS,
         "min_similarity": float(parser["qc_min_similarity"]),
         "max_residual_mm": float(parser["qc_max_residual_mm"]),
+        "min_brain_overlap": float(parser["qc_min_brain_overlap"]),
     }
 
 
 def read_rows(path: str) -> list[dict]:
-    """The rows of a ``qc_calibration.csv``."""
+    """The rows of a ``qc_calibration.csv`` (``brain_overlap`` only when the file has the column)."""
     if not os.path.isfile(path):
         raise SystemExit(f"keymorph: error: {path}: no such file; run without --from_csv first")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
         row["turn"], row["right"] = int(row["turn"]), row["right"] == "True"
-        for key in ("residual_mm", "similarity", "dice", "tre_mm"):
-            row[key] = float(row[key])
+        for key in ("residual_mm", "similarity", "brain_overlap", "dice", "tre_mm"):
+            if key in row:
+                row[key] = float(row[key])
     return rows
 
 

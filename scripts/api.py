@@ -37,7 +37,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 INFERENCE_CONFIG = BUNDLE_ROOT / "configs" / "inference.yaml"
 METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
 # summary.csv columns that are QC scores (numbers)
-QC_COLUMNS = ("keypoint_residual_mm", "similarity", "brain_fill", "smoothness")
+QC_COLUMNS = ("keypoint_residual_mm", "similarity", "brain_fill", "smoothness", "brain_overlap")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class RegistrationResult:
         registered: the moving image resampled onto the fixed image's grid (``registered.nii.gz``), in memory.
         moving_keypoints, fixed_keypoints: ``(K, 3)`` keypoints in world mm; row k of one matches row k of the other.
         qc: the QC scores of ``summary.csv`` (``keypoint_residual_mm``, ``similarity``, ``brain_fill``,
-            ``smoothness``; see :mod:`scripts.qc`).
+            ``smoothness``, ``brain_overlap``; see :mod:`scripts.qc`).
         status: "ok", or "suspect" when a QC score crosses its threshold (``message`` says which).
         message: the summary message ("" when there is nothing to say).
         case_dir: the folder holding every output file when ``output_dir`` was given, else None (the files were

@@ -110,6 +110,7 @@ SUMMARY_COLUMNS = [
     "similarity",
     "brain_fill",
     "smoothness",
+    "brain_overlap",
 ]
 STATUSES = ("ok", "suspect", "error", "skipped")
 #: During a run, index.html (and summary.csv as a whole) is rebuilt at most every REBUILD_SECONDS, and at most
@@ -191,6 +192,8 @@ class RegistrationWriter:
         residual_threshold: likewise for the keypoint fit residual in mm (above it: "suspect").
         max_brain_fill: likewise for the fraction of the moving image inside its brain mask (above it: "suspect").
         min_smoothness: likewise for the correlation of neighbouring moving brain voxels (below it: "suspect").
+        min_brain_overlap: likewise for the Dice of the registered moving brain mask and the fixed brain mask
+            (below it: "suspect").
         header_only: also write ``registered_header_only.nii.gz`` (:func:`scripts.image_io.header_moved`).
     """
 
@@ -204,6 +207,7 @@ class RegistrationWriter:
         residual_threshold: float = QC_THRESHOLDS["max_residual_mm"],
         max_brain_fill: float = QC_THRESHOLDS["max_brain_fill"],
         min_smoothness: float = QC_THRESHOLDS["min_smoothness"],
+        min_brain_overlap: float = QC_THRESHOLDS["min_brain_overlap"],
         header_only: bool = False,
     ):
         self.output_dir = output_dir
@@ -213,6 +217,7 @@ class RegistrationWriter:
             "max_residual_mm": float(residual_threshold),
             "max_brain_fill": float(max_brain_fill),
             "min_smoothness": float(min_smoothness),
+            "min_brain_overlap": float(min_brain_overlap),
         }
         self.rows: dict[str, dict] = {}
         # the rows this run started from (rank 0 merges the ranks' rows into them, as one process would)
@@ -429,6 +434,7 @@ class RegistrationWriter:
             "similarity": f"{scores['similarity']:.4f}",
             "brain_fill": f"{scores['brain_fill']:.4f}",
             "smoothness": f"{scores['smoothness']:.4f}",
+            "brain_overlap": f"{scores['brain_overlap']:.4f}",
         }
 
     @staticmethod

@@ -24,7 +24,8 @@ memory does not grow with the folder:
 4. **Per-case outputs** (:class:`GroupwiseEvaluator` with :class:`GroupwiseWriter`): the usual case folders
    (``registered.nii.gz`` on the template grid, the transform files with the template as the fixed image,
    keypoints, QC figures, provenance) and ``summary.csv``, through the inference writer, with the transforms the
-   template was made with. Each case's QC similarity and ``qc.png`` compare it with the template.
+   template was made with. Each case's QC similarity, brain overlap (its brain mask against the template's,
+   ``template_mask`` > 0.5) and ``qc.png`` compare it with the template.
 
 Why rounds, and why one contrast: on held-out subject 13's T1, T2 and PD at 1.5 mm
 (``python benchmarks/groupwise_consistency.py --seeds 0``) the keypoint solutions alone are 2.40 mm from the truth
@@ -40,8 +41,8 @@ run exits with code 1. Images that are ``suspect`` before the template exists (k
 above ``qc_max_residual_mm``, or the moving image's own QC: brain mask filling the image, noise) are excluded from
 the mean, the group space and the template: :func:`fit_group` drops the worst one and fits again until none is
 left. They are still registered to the group space; ``summary.csv`` says ``in_template`` = ``no`` and why. A case
-flagged only by its similarity to the template (measured in the last pass) is ``suspect`` but was part of the mean;
-its ``in_template`` says ``yes``.
+flagged only by its similarity or brain overlap to the template (measured in the last pass) is ``suspect`` but was
+part of the mean; its ``in_template`` says ``yes``.
 
 The group space is pinned to the average of the included images' world spaces (an affine mean could otherwise
 drift or shrink from one iteration to the next, and would keep the pose of the image it started from): its centroid
@@ -406,8 +407,8 @@ class GroupwiseRegistration:
         aligner: "affine", "similarity" or "rigid".
         search_turns, turn_search_above_mm: as for inference (here: four keypoint sets per image in pass 1, and the
             set kept is the one that fits the group mean best, see :func:`fit_group`).
-        qc_thresholds: ``max_residual_mm``, ``max_brain_fill``, ``min_smoothness`` (the similarity needs the
-            template and is only scored in the last pass).
+        qc_thresholds: ``max_residual_mm``, ``max_brain_fill``, ``min_smoothness`` (the similarity and the brain
+            overlap need the template and are only scored in the last pass, by the writer).
         template_spacing: mm of the template grid; template_margin_mm: room around the mapped brains.
         tolerance_mm, max_iterations: of the Procrustes fit.
         refine_iterations: steps of each mutual-information refinement (:func:`scripts.refinement.refine_affine`,

@@ -44,6 +44,7 @@ SCORE_COLUMNS = {
     "similarity": "similarity",
     "brain_fill": "brain fill",
     "smoothness": "smoothness",
+    "brain_overlap": "brain overlap",
 }
 #: Files of a case folder linked from its row, when present.
 LINKED_FILES = (

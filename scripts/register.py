@@ -77,6 +77,10 @@ OPTIONS: dict[str, tuple[str, Sequence[str] | None]] = {
     "qc_max_residual_mm": ("QC: 'suspect' above this keypoint residual (mm)", None),
     "qc_max_brain_fill": ("QC: 'suspect' when the moving brain mask fills more of its image", None),
     "qc_min_smoothness": ("QC: 'suspect' when neighbouring brain voxels correlate less (noise)", None),
+    "qc_min_brain_overlap": (
+        "QC: 'suspect' when the registered moving brain mask overlaps the fixed brain mask less (Dice)",
+        None,
+    ),
     "ckpt_path": ("the network weights (default: the bundle's models/model.pt)", None),
     "brain_mask_weights": ("the brain-mask network's weights (default: the bundle's models/brain_mask.pt)", None),
 }

@@ -70,7 +70,7 @@ def test_keypoints_and_qc_scores(pair):
     result = pair["result"]
     assert result.moving_keypoints.shape == result.fixed_keypoints.shape == (NUM_KEYPOINTS, 3)
     assert result.status in ("ok", "suspect")
-    assert set(result.qc) == {"keypoint_residual_mm", "similarity", "brain_fill", "smoothness"}
+    assert set(result.qc) == {"keypoint_residual_mm", "similarity", "brain_fill", "smoothness", "brain_overlap"}
     # without refinement the matrix is the keypoint fit: its residual is the RMS distance of the keypoint pairs
     moved = result.fixed_keypoints @ result.fixed_to_moving[:3, :3].T + result.fixed_to_moving[:3, 3]
     rms = float(np.sqrt(((moved - result.moving_keypoints) ** 2).sum(axis=1).mean()))

@@ -315,9 +315,10 @@ def test_summary_rows_and_columns(folder_run):
     assert sorted(row["name"] for row in rows) == sorted(TRUTH)
     for row in rows:
         assert row["status"] in ("ok", "suspect"), row
-        for column in ("seconds", "keypoint_residual_mm", "similarity", "brain_fill", "smoothness"):
+        for column in ("seconds", "keypoint_residual_mm", "similarity", "brain_fill", "smoothness", "brain_overlap"):
             assert math.isfinite(float(row[column])), row
         assert 0 < float(row["brain_fill"]) < 0.5 and float(row["smoothness"]) > 0.5  # a "brain", not noise
+        assert 0.0 <= float(row["brain_overlap"]) <= 1.0, row  # a Dice (the random network need not register)
     log = folder_run["process"].stdout + folder_run["process"].stderr
     assert "2 input(s): " in log
 
@@ -641,8 +642,8 @@ def test_bundle_properties(settings):
 
 @pytest.fixture
 def writer_output(tmp_path):
-    """What the evaluator hands the writer for one case (identity registration), built with the config's own
-    preprocessing."""
+    """What the evaluator hands the writer for one case (the true registration, from keypoints moved by it: QC
+    passes), built with the config's own preprocessing."""
     from monai.bundle import ConfigParser
 
     from scripts.registration import fit
@@ -653,13 +654,14 @@ def writer_output(tmp_path):
     moving = write_moving(tmp_path / "case.nii.gz", TRUTH["moving_a"])
     fixed = write_fixed(tmp_path / "fixed.nii.gz")
     points = torch.rand(1, NUM_KEYPOINTS, 3, dtype=torch.float64) * 40
+    truth = torch.from_numpy(TRUTH["moving_a"])
     return {
         "name": "case",
         "status": "ok",
         "message": "",
         "seconds": 0.0,
         "start": 0.0,
-        "registration": fit(points, points),
+        "registration": fit(points, points @ truth[:3, :3].T + truth[:3, 3]),
         "fixed": parser.get_parsed_content("fixed_preprocessing")({"image": fixed}),
         "moving": {**parser.get_parsed_content("preprocessing")({"image": moving}), "extra": []},
     }

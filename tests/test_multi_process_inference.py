@@ -93,7 +93,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi_process")
     write_cases(root / "in", NAMES)
     fixed, ckpt = write_fixed(root / "fixed.nii.gz"), write_checkpoint(root / "model.pt")
-    arguments = inference_arguments(root / "in", root / "two", fixed, ckpt)
+    # the small random network does not register the phantoms well: their brains overlap the fixed one 0.45-0.84,
+    # which QC would mark suspect; these tests count every registration as "ok" (the ranks' work, not the QC)
+    arguments = inference_arguments(root / "in", root / "two", fixed, ckpt, "--qc_min_brain_overlap", "0")
     return {
         "arguments": arguments,
         "root": root,
