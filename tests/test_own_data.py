@@ -17,41 +17,25 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bundle_commands import ROOT, bundle_command, run, tail
 from synthetic_heads import make_ixi_test_set
 from torchrun_commands import torchrun_command
 
 from scripts.datalists import csv_datalist, subject_split
 from scripts.errors import KeyMorphInputError
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.yaml")
 PRETRAIN = str(ROOT / "configs" / "pretrain.yaml")
 EVALUATE = str(ROOT / "configs" / "evaluate.yaml")
 MULTI = str(ROOT / "configs" / "multi_gpu_train.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 NET = ["--spatial_size", "32", "--network_channels", "[8,8,16,16]", "--num_keypoints", "16"]
 MODEL = [*NET, "--num_workers", "0"]
 LOSS = re.compile(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss: (\S+)")
 SUBJECTS = ["IXI001", "IXI002", "IXI003", "IXI004", "IXI005"]
-
-
-def bundle_command(section: str, configs: list[str], *overrides: str) -> list[str]:
-    config_file = configs[0] if len(configs) == 1 else repr(configs)
-    return [sys.executable, "-m", "monai.bundle", "run", section, "--config_file", config_file, *overrides]
-
-
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def tail(process: subprocess.CompletedProcess, lines: int = 40) -> str:
-    return "\n".join((process.stdout + process.stderr).splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_commands import ROOT, bundle_command, run, tail
 from synthetic_heads import make_ixi_test_set
 
 from scripts.brain_frame import BrainFramed
@@ -32,27 +32,13 @@ from scripts.settings_checks import check_training_settings
 from scripts.synthesis import SynthesizeImaged
 from scripts.training_data import ImagePretrainingDataset, PretrainingDataset, make_pretraining_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.yaml")
 PRETRAIN = str(ROOT / "configs" / "pretrain.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 MODEL = ["--spatial_size", "32", "--network_channels", "[8,8,16,16]", "--num_keypoints", "16"]
 SHORT = ["--epoch_length", "2", "--max_epochs", "1"]
 MODALITIES = ("T1", "T2", "PD")
 LOSS = re.compile(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss: (\S+)")
-
-
-def bundle_command(section: str, config: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", section, "--config_file", config, *overrides]
-
-
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def tail(process: subprocess.CompletedProcess, lines: int = 40) -> str:
-    return "\n".join((process.stdout + process.stderr).splitlines()[-lines:])
 
 
 def ixi_name(subject: int, modality: str) -> str:

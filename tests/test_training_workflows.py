@@ -14,13 +14,11 @@ from __future__ import annotations
 import glob
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,18 +26,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_commands import ENV, ROOT, bundle_command, run, tail
 from synthetic_heads import head_label_map, write_label_maps_dir
 from torchrun_commands import torchrun_command
 
 from scripts.checkpoints import latest_checkpoint
 from scripts.errors import KeyMorphInputError
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.yaml")
 PRETRAIN = str(ROOT / "configs" / "pretrain.yaml")
 MULTI = str(ROOT / "configs" / "multi_gpu_train.yaml")
 INFERENCE = str(ROOT / "configs" / "inference.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 MODEL = ["--spatial_size", "32", "--network_channels", "[8,8,16,16]", "--num_keypoints", "16"]
 SHORT = ["--epoch_length", "2", "--max_epochs", "2"]
@@ -51,19 +48,6 @@ LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: (\S+)")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def bundle_command(section: str, configs: list[str], *overrides: str) -> list[str]:
-    config_file = configs[0] if len(configs) == 1 else repr(configs)
-    return [sys.executable, "-m", "monai.bundle", "run", section, "--config_file", config_file, *overrides]
-
-
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def tail(process: subprocess.CompletedProcess, lines: int = 40) -> str:
-    return "\n".join((process.stdout + process.stderr).splitlines()[-lines:])
 
 
 def logged_losses(text: str) -> dict[int, float]:
