@@ -20,9 +20,9 @@ from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.transforms.smooth_field.array import SmoothField
+from monai.utils import convert_to_dst_type
 
 from scripts.brain_mask import DISTANCE_CLIP_MM, signed_distance
 from scripts.coordinates import affine_of
@@ -93,6 +93,5 @@ class RandBrainMaskErrord(RandomizableTransform, MapTransform):
         extracted = distance < self.offset_field(distance.shape)
         for key in self.key_iterator(d):
             d[key] = d[key] * extracted.to(d[key].dtype)
-        as_mask = extracted[None].to(torch.float32)
-        d[self.mask_key] = MetaTensor(as_mask, meta=dict(mask.meta)) if isinstance(mask, MetaTensor) else as_mask
+        d[self.mask_key] = convert_to_dst_type(extracted[None], mask, dtype=torch.float32)[0]
         return d
