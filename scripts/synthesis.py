@@ -60,6 +60,8 @@ TISSUE_CLASSES: dict[str, tuple[int, ...]] = {
     # lateral, inferior-lateral, 3rd, 4th and 5th ventricles and extra-ventricular CSF
     "csf": (4, 43, 5, 44, 14, 15, 24, 72),
 }
+#: The extra-ventricular CSF: the brain's outer layer, between the cortex and the meninges.
+_OUTER_CSF = 24
 _CLASS_OF_LABEL = {label: name for name, labels in TISSUE_CLASSES.items() for label in labels}
 
 #: Mean intensity in [0, 1] per tissue class for each preset contrast. Extra-cerebral labels have no preset: what
@@ -253,6 +255,10 @@ class SynthesizeImaged(RandomizableTransform, MapTransform):
         label_std_range: range (intensity units) of each label's within-label standard deviation.
         preset_jitter: standard deviation of the per-label offset added to a preset class mean.
         extra_cerebral_range: range the mean of each extra-cerebral label is drawn from with a preset contrast.
+        extra_cerebral_csf_probability: probability that an extra-cerebral label instead takes the mean of the
+            extra-ventricular CSF (label 24), with any contrast. In real scans the brain's outer CSF often meets
+            tissue of its own brightness (bone in T1 and FLAIR, fluid-filled meninges in T2), so its outer edge
+            shows no step: a network must learn the brain's shape, not only an intensity edge.
         blur_sigma_range: range (voxels) of the partial-volume Gaussian blur sigma.
         bias_std: largest standard deviation of the log bias field at its control points; drawn uniformly in
             ``[0, bias_std]``.
@@ -276,6 +282,7 @@ class SynthesizeImaged(RandomizableTransform, MapTransform):
         label_std_range: tuple[float, float] = (0.0, 0.06),
         preset_jitter: float = 0.03,
         extra_cerebral_range: tuple[float, float] = (0.1, 0.9),
+        extra_cerebral_csf_probability: float = 0.0,
         blur_sigma_range: tuple[float, float] = (0.3, 1.0),
         bias_std: float = 0.3,
         bias_grid: int = 4,
@@ -297,6 +304,7 @@ class SynthesizeImaged(RandomizableTransform, MapTransform):
         self.deform_std, self.deform_grid = deform_std, deform_grid
         self.label_std_range, self.preset_jitter = label_std_range, preset_jitter
         self.extra_cerebral_range, self.blur_sigma_range = extra_cerebral_range, blur_sigma_range
+        self.extra_cerebral_csf_probability = extra_cerebral_csf_probability
         self.bias_std, self.bias_grid = bias_std, bias_grid
         self.resolution_probability, self.thickness_range = resolution_probability, thickness_range
         self.noise_std_range, self.skull_probability, self.percentiles = noise_std_range, skull_probability, percentiles
@@ -324,6 +332,10 @@ class SynthesizeImaged(RandomizableTransform, MapTransform):
             means[extra] = self.R.uniform(*self.extra_cerebral_range, int(extra.sum()))
             # air is dark in every preset contrast: no jitter on the background
             means[0] = 0.0
+        if self.extra_cerebral_csf_probability > 0 and n_labels > EXTRA_CEREBRAL_MIN:
+            extra = np.arange(EXTRA_CEREBRAL_MIN, n_labels)
+            like_csf = extra[self.R.rand(len(extra)) < self.extra_cerebral_csf_probability]
+            means[like_csf] = means[_OUTER_CSF] + self.R.normal(0, self.preset_jitter, len(like_csf))
         stds = self.R.uniform(*self.label_std_range, n_labels)
         if not self._keep_skull:
             # a skull-stripped image has a zero background; the brain's blurred edge fades into it

@@ -89,6 +89,17 @@ def test_skull_mode_shows_the_skull(label_map):
     assert skull.any() and out["image"][skull].mean() > 0.05
 
 
+@pytest.mark.parametrize("contrast", ["T2", "random"])
+def test_extra_cerebral_tissue_can_look_like_the_outer_csf(label_map, contrast):
+    exact = dict(label_std_range=(0.0, 0.0), preset_jitter=0.0, blur_sigma_range=(0.0, 0.0), bias_std=0.0)
+    exact.update(resolution_probability=0.0, noise_std_range=(0.0, 0.0))
+    merged = synthesize(label_map, contrast, seed=4, skull=True, extra_cerebral_csf_probability=1.0, **exact)
+    apart = synthesize(label_map, contrast, seed=4, skull=True, **exact)
+    for out, same in ((merged, True), (apart, False)):
+        outer_csf, extra = (out["image"][out["label"] == label] for label in (24, SKULL))
+        assert torch.allclose(outer_csf, extra.mean()) == same
+
+
 @pytest.mark.parametrize("skull", [False, True])
 def test_mask_is_brain_labels(label_map, skull):
     out = synthesize(label_map, "PD", seed=3, skull=skull)
