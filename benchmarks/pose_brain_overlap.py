@@ -7,7 +7,7 @@ and the case folders in ``work/registered``): the Dice of the case's ``moving_ma
 image by its ``affine_ras.txt`` (moving RAS mm -> fixed RAS mm, nearest neighbour) and the fixed brain (the fixed
 image > 0), on the fixed grid sampled every ``--spacing_mm``. This is the quantity of the QC score ``brain_overlap``
 (:mod:`scripts.qc`), measured on the native grids instead of the network grids, for runs made before ``summary.csv``
-recorded it. Prints one line per case (failed by the truth, the status the run gave, the overlap) and the range of
+recorded it (later runs have the QC score itself in ``cases.csv``, column ``brain_overlap``). Prints one line per case (failed by the truth, the status the run gave, the overlap) and the range of
 the overlap among failures, among right registrations, and among the failures the run's status left ``ok``.
 """
 

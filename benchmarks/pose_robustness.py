@@ -26,15 +26,21 @@ with a shift of up to 10 mm, and written two ways: ``header`` (the same voxels, 
 
 Every pair goes through ``python -m monai.bundle run inference --config_file configs/inference.yaml --pairs_csv``
 with the DEFAULT settings (``--setting`` overrides one, e.g. ``skull_strip=none``), and is scored from the
-``affine_ras.txt`` it wrote. A case FAILS when its mean error exceeds 5 mm or its Dice is below 0.3.
+``affine_ras.txt`` it wrote. A case FAILS when its mean error exceeds 5 mm or its Dice is below 0.3. Each case also
+keeps what the run's ``summary.csv`` says of it: its status (``suspect`` when QC flagged it) and its QC
+``brain_overlap`` (:mod:`scripts.qc`). Issue #10 accepts a failure that QC flags for review, so the registration
+tables count the flagged failures beside the failures.
 
 The brain extraction itself is scored separately (``mask_dice.csv``): the moving images' brain masks from
 :class:`scripts.skull_strip.SkullStripd` with each of ``--mask_methods``: ``bundle`` (the bundle's brain-mask
 network), ``deepbet`` (deepbet alone) and ``deepbet+pose`` (deepbet, the brain's pose, deepbet again upright),
 against the label map's brain, per angle and contrast, with the seconds per image.
 
-Outputs in ``--output_dir``: ``cases.csv``, ``mask_dice.csv``, ``summary.md`` (failure rate, Dice and error per
-angle and rotation kind; mask Dice per angle; the machine).
+Outputs in ``--output_dir``: ``cases.csv`` (one row per case: name, condition, pair, kind, angle, contrast, status,
+seconds, brain_overlap, dice, error_mm, failed), ``mask_dice.csv``, ``summary.md`` (failure rate, flagged failures,
+Dice and error per angle and rotation kind; the QC brain_overlap of the failures and of the right registrations;
+mask Dice per angle; the machine). ``--report_only`` rewrites ``summary.md`` from the csv files, also those of a run
+before ``cases.csv`` had ``brain_overlap`` (then unknown).
 """
 
 from __future__ import annotations
@@ -217,14 +223,19 @@ def _load(path: str, label: bool = False):
 
 
 def score(cases: list[dict], output_dir: str) -> list[dict]:
-    """Dice / mean error of each registered case (module docstring); status and seconds from summary.csv."""
+    """Dice / mean error of each registered case (module docstring); status, seconds and the QC brain_overlap from
+    summary.csv (empty when the run gave the case none: an error, or no row)."""
     with open(os.path.join(output_dir, "registered", "summary.csv"), newline="") as handle:
         summary = {row["name"]: row for row in csv.DictReader(handle)}
     rows = []
     for case in cases:
         row = {k: case[k] for k in ("name", "condition", "pair", "kind", "angle", "contrast")}
         result = summary.get(case["name"], {})
-        row.update(status=result.get("status", "missing"), seconds=result.get("seconds", ""))
+        row.update(
+            status=result.get("status", "missing"),
+            seconds=result.get("seconds", ""),
+            brain_overlap=result.get("brain_overlap", ""),
+        )
         matrix_path = os.path.join(output_dir, "registered", case["name"], "affine_ras.txt")
         dice = error = float("nan")
         if os.path.exists(matrix_path):
@@ -289,9 +300,39 @@ def mask_scores(cases: list[dict], methods=tuple(MASK_METHODS), brain_mask_weigh
     return rows
 
 
+def _known(values) -> list[float]:
+    """The finite numbers among csv values (numbers, or strings; "" and NaN are unknown)."""
+    return [float(v) for v in values if v != "" and np.isfinite(float(v))]
+
+
 def _mean(values) -> str:
-    values = [float(v) for v in values if v != "" and np.isfinite(float(v))]
+    values = _known(values)
     return f"{np.mean(values):.3f}" if values else "-"
+
+
+def _failures_cell(group: list[dict]) -> str:
+    """``failed/cases fail``, with how many of the failures QC flagged ``suspect`` when there are any."""
+    failed = [r for r in group if bool(r["failed"])]
+    flagged = sum(r["status"] == "suspect" for r in failed)
+    return f"{len(failed)}/{len(group)} fail" + (f" ({flagged} flagged)" if failed else "")
+
+
+def overlap_lines(rows: list[dict]) -> list[str]:
+    """The range of the QC brain_overlap among the failures and among the right registrations, as list items; it is
+    unknown for rows without one (a run before ``cases.csv`` had the column, or a case the run gave none)."""
+    groups = {
+        "failures": [r for r in rows if bool(r["failed"])],
+        "right registrations": [r for r in rows if not bool(r["failed"])],
+    }
+    lines = []
+    for words, group in groups.items():
+        known = _known(r.get("brain_overlap", "") for r in group)
+        if not known:
+            lines.append(f"- {words}: unknown ({len(group)} cases)")
+            continue
+        unknown = f"; unknown for {len(group) - len(known)}" if len(known) < len(group) else ""
+        lines.append(f"- {words}: {min(known):.3f}-{max(known):.3f} ({len(known)} cases{unknown})")
+    return lines
 
 
 def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str]) -> str:
@@ -307,6 +348,7 @@ def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str
     ]
     if rows:
         lines += ["## Registration: failures (error > 5 mm or Dice < 0.3) per angle", ""]
+        lines += ["(N flagged): failures that QC marked `suspect`, which issue #10 accepts (they go to review).", ""]
         lines += ["| rotation in | pairs | " + " | ".join(f"{a:g} deg" for a in angles) + " |"]
         lines += ["|---|---|" + "---|" * len(angles)]
         for kind in ("header", "voxel"):
@@ -314,10 +356,9 @@ def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str
                 cells = []
                 for angle in angles:
                     group = [r for r in rows if r["kind"] == kind and r["pair"] == pair and r["angle"] == angle]
-                    failed = sum(bool(r["failed"]) for r in group)
                     key = "error_mm" if pair == "same" else "dice"
                     unit = " mm" if pair == "same" else ""
-                    cells.append(f"{failed}/{len(group)} fail, {_mean(r[key] for r in group)}{unit}")
+                    cells.append(f"{_failures_cell(group)}, {_mean(r[key] for r in group)}{unit}")
                 label = "same subject (mean error)" if pair == "same" else "other subject (Dice)"
                 lines += [f"| {kind} | {label} | " + " | ".join(cells) + " |"]
         lines += [""]
@@ -342,6 +383,9 @@ def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str
                     f"{_mean(r['error_mm'] for r in group)} | {_mean(full)} |"
                 ]
         lines += [""]
+    if rows or conditions:
+        lines += ["## QC brain_overlap of every case (the threshold qc_min_brain_overlap flags below it)", ""]
+        lines += [*overlap_lines(rows + conditions), ""]
     if mask_rows:
         lines += ["## Brain extraction: mask Dice against the label-map brain, and seconds per image", ""]
         lines += ["| method | " + " | ".join(f"{a:g} deg" for a in angles) + " | seconds (median) |"]
@@ -376,7 +420,7 @@ def _read_csv(path: str) -> list[dict]:
         for key, value in row.items():
             if value in ("True", "False"):
                 row[key] = value == "True"
-            elif key in ("angle", "dice", "error_mm", "seconds"):
+            elif key in ("angle", "dice", "error_mm", "seconds", "brain_overlap"):
                 row[key] = float(value) if value else float("nan")
     return rows
 

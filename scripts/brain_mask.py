@@ -96,8 +96,9 @@ def padded_to_multiple(grid: torch.Tensor, shape: list[int]) -> tuple[torch.Tens
 def head_grid(coarse: torch.Tensor, coarse_affine: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """The network grid (as :func:`network_grid`) of the head in a box-averaged image ``(D, H, W)``: its
     :func:`scripts.head_pose.foreground`'s largest connected component and :data:`HEAD_MARGIN_MM` around it
-    (the whole field of view if nothing stands out from the background)."""
-    head = torch.from_numpy(largest_component_filled(foreground(coarse).numpy()))
+    (the whole field of view if nothing stands out from the background). Only the component's extent counts, and
+    filling its holes would not change it (a hole lies between the component's voxels along every axis)."""
+    head = torch.from_numpy(largest_component(foreground(coarse).numpy()))
     voxels = torch.nonzero(head).to(torch.float64)
     if len(voxels) == 0:
         return network_grid(coarse_affine, coarse.shape)
@@ -105,14 +106,19 @@ def head_grid(coarse: torch.Tensor, coarse_affine: torch.Tensor) -> tuple[torch.
     return padded_to_multiple(*grid_around(points, NETWORK_SPACING_MM, margin_mm=HEAD_MARGIN_MM))
 
 
-def largest_component_filled(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask, its enclosed holes filled (empty stays empty)."""
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (empty stays empty)."""
     components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     if count == 0:
         return mask
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    return ndimage.binary_fill_holes(components == sizes.argmax())
+    return components == sizes.argmax()
+
+
+def largest_component_filled(mask: np.ndarray) -> np.ndarray:
+    """The :func:`largest_component` of a boolean mask, its enclosed holes filled (empty stays empty)."""
+    return ndimage.binary_fill_holes(largest_component(mask))
 
 
 def signed_distance(brain: torch.Tensor, spacing_mm: float = NETWORK_SPACING_MM) -> torch.Tensor:

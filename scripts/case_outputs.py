@@ -28,8 +28,9 @@ summary, with its first case, then at most every :data:`REBUILD_SECONDS` (less o
 
 No finished case loses its row, whenever a run is killed: a case's folder records the case's row (in
 ``provenance.json``, written into the staging folder, so the row is there as soon as the folder is), and a rerun
-that skips a finished case takes its row from the folder, also when the killed run put the folder in place but
-did not get to append the row (or appended it only to a rank's row file). The rows of a killed run's other
+that skips a finished case takes its row from the folder (the dataset reads it with the record it compares and
+hands it on with the skipped case), also when the killed run put the folder in place but did not get to append the
+row (or appended it only to a rank's row file). The rows of a killed run's other
 finished cases are in ``summary.csv`` (and the row files) already. A folder written before folders recorded their
 row keeps the row ``summary.csv`` has for it.
 
@@ -77,7 +78,7 @@ from scripts.output_folder import (
     replace_folder,
     staging_name,
 )
-from scripts.provenance import PROVENANCE_FILE, SUMMARY_ROW_KEY, read_provenance, write_provenance
+from scripts.provenance import PROVENANCE_FILE, SUMMARY_ROW_KEY, write_provenance
 from scripts.qc import QC_THRESHOLDS, qc_figure, qc_flags, qc_scores
 from scripts.qc_report import EdgesFigure, write_index
 from scripts.transform_io import write_atomically, write_keypoints_csv, write_transform_files
@@ -304,7 +305,7 @@ class RegistrationWriter:
         output = engine.state.output
         row = self._output_row(output)
         if output["status"] == "skipped":
-            row = self._recorded_row(output["name"]) or dict(self.rows.get(output["name"], row))
+            row = self._recorded_row(output) or dict(self.rows.get(output["name"], row))
         elif output["status"] == "ok":
             moving_path = source_path(output["moving"])
             try:
@@ -366,13 +367,14 @@ class RegistrationWriter:
         """The summary row of an iteration output, as the evaluator gives it (its ``summary_columns``)."""
         return {key: output.get(key, "") for key in self.summary_columns}
 
-    def _recorded_row(self, name: str) -> dict | None:
-        """The summary row the folder of the finished case ``name`` records (:meth:`_write_case`), or None when it
-        records none (a folder of an older version of the bundle)."""
-        recorded = (read_provenance(os.path.join(self.output_dir, name)) or {}).get(SUMMARY_ROW_KEY)
+    def _recorded_row(self, output: dict) -> dict | None:
+        """The summary row the folder of a skipped finished case records (:meth:`_write_case`), as the dataset
+        read it with the rest of the record and the evaluator passed it on (``output[SUMMARY_ROW_KEY]``), or None
+        when it records none (a folder of an older version of the bundle)."""
+        recorded = output.get(SUMMARY_ROW_KEY)
         if not isinstance(recorded, dict):
             return None
-        return {**{key: str(recorded.get(key, "")) for key in self.summary_columns}, "name": name}
+        return {**{key: str(recorded.get(key, "")) for key in self.summary_columns}, "name": output["name"]}
 
     def _write_case(self, output: dict) -> dict:
         """Write one case through a staging folder; returns its summary row (status, message, scores, seconds),

@@ -58,7 +58,7 @@ from scripts.cli import as_bool, optional
 from scripts.errors import KeyMorphInputError, fail, first_line, message_naming, printable, worker_died, workflow_step
 from scripts.image_io import is_nifti, nifti_stem
 from scripts.output_folder import SUMMARY_FILE, check_case_name
-from scripts.provenance import read_provenance, what_changed
+from scripts.provenance import SUMMARY_ROW_KEY, read_provenance, what_changed
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,10 @@ class RegistrationDataset(Dataset):
     ``.nii``), given to the preprocessing as ``mask_path``.
 
     With ``output_dir`` given and ``overwrite`` false, cases already done there (:func:`case_done`) come back as
-    ``{..., "skipped": True}`` without being read, unless ``provenance`` (a
-    :class:`scripts.provenance.RunProvenance`) shows that they were made from other files, settings or weights:
-    those are redone, with a note saying what changed. Items carry the record the writer stores
+    ``{..., "skipped": True}`` without being read, with the summary row their folder's record holds
+    (:data:`scripts.provenance.SUMMARY_ROW_KEY`, None when it holds none: the record is read once, here), unless
+    ``provenance`` (a :class:`scripts.provenance.RunProvenance`) shows that they were made from other files,
+    settings or weights: those are redone, with a note saying what changed. Items carry the record the writer stores
     (``"provenance"``). Items whose preprocessing fails come back as ``{..., "error": message}`` so one bad file
     never stops the folder.
     """
@@ -218,11 +219,11 @@ class RegistrationDataset(Dataset):
         if self.provenance is not None:
             item["provenance"] = self.provenance.for_case(item)
         if self.output_dir and not self.overwrite and case_done(self.output_dir, item["name"], item["extra"]):
-            change = None
-            if self.provenance is not None:
-                change = what_changed(read_provenance(os.path.join(self.output_dir, item["name"])), item["provenance"])
+            # read once: compared here, and its summary row goes along to the writer of a skipped case
+            record = read_provenance(os.path.join(self.output_dir, item["name"]))
+            change = what_changed(record, item["provenance"]) if self.provenance is not None else None
             if change is None:
-                return {**item, "skipped": True, "seconds": 0.0}
+                return {**item, "skipped": True, "seconds": 0.0, SUMMARY_ROW_KEY: (record or {}).get(SUMMARY_ROW_KEY)}
             item["notes"] = [*item.get("notes", []), f"redone: {change}"]
         try:
             result = apply_transform(self.transform, item) if self.transform is not None else item
@@ -298,7 +299,7 @@ class RegistrationEvaluator(SupervisedEvaluator):
         base = {"name": item["name"], "seconds": 0.0, "message": ""}
         if item.get("skipped"):
             message = item.get("not_read", "outputs exist (set --overwrite true to redo)")
-            return {**base, "status": "skipped", "message": message}
+            return {**base, "status": "skipped", "message": message, SUMMARY_ROW_KEY: item.get(SUMMARY_ROW_KEY)}
         if "error" in item:
             return {**base, "status": "error", "message": item["error"], "seconds": time.perf_counter() - start}
         try:

@@ -9,8 +9,10 @@ what changed; ``--overwrite true`` redoes every case. Paths are recorded for the
 moved input folder does not redo anything.
 
 The record also holds the case's ``summary.csv`` row (:data:`SUMMARY_ROW_KEY`; not compared), written with the
-folder: a rerun that skips the case takes its row from there (:mod:`scripts.case_outputs`), so a run killed after
-putting the folder in place but before adding the row to ``summary.csv`` loses nothing.
+folder: a rerun that skips the case takes its row from there, so a run killed after putting the folder in place but
+before adding the row to ``summary.csv`` loses nothing. The rerun reads the record once
+(:class:`scripts.inference.RegistrationDataset`, which compares it) and hands the row on with the skipped case to
+the writer (:mod:`scripts.case_outputs`).
 """
 
 from __future__ import annotations

@@ -135,21 +135,30 @@ def _grid(item: dict, key: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
     return volume.as_tensor()[None].float(), affine_of(volume)[None]
 
 
-def aligned_moving(registration: Registration, fixed: dict, moving: dict, key: str = "image") -> torch.Tensor:
-    """The moving network-grid volume ``key`` (the image, or its brain mask) warped onto the fixed network grid
-    (bilinear), ``(D, H, W)``."""
+def aligned_moving(
+    registration: Registration, fixed: dict, moving: dict, keys: tuple[str, ...] = ("image",)
+) -> torch.Tensor:
+    """The moving network-grid volumes ``keys`` (the image, its brain mask: they share the network grid) warped onto
+    the fixed network grid (bilinear) in one pass, one sampling grid for all: ``(len(keys), D, H, W)``."""
     fixed_image, fixed_affine = _grid(fixed)
-    moving_volume, moving_affine = _grid(moving, key)
-    return warp_moving(registration, moving_volume, fixed_affine, moving_affine, fixed_image.shape[2:])[0, 0]
+    moving_volumes = torch.cat([_grid(moving, key)[0] for key in keys], dim=1)
+    moving_affine = affine_of(moving[keys[0]])[None]
+    return warp_moving(registration, moving_volumes, fixed_affine, moving_affine, fixed_image.shape[2:])[0]
+
+
+def dice_with_fixed_brain(carried_mask: torch.Tensor, fixed: dict) -> float:
+    """Dice of a moving brain mask carried onto the fixed network grid ``(D, H, W)`` (> 0.5) and the fixed brain mask
+    (``fixed["mask"]``, > 0.5); NaN when neither holds brain."""
+    carried = carried_mask > 0.5
+    fixed_brain = fixed["mask"].as_tensor().reshape(carried.shape) > 0.5
+    return float(dice_per_structure(carried[None, None], fixed_brain[None, None], label_values=(1,))[0, 0])
 
 
 def brain_overlap(registration: Registration, fixed: dict, moving: dict) -> float:
     """Dice of the moving brain mask (``moving["mask"]``, network grid) carried onto the fixed network grid by the
     registration (bilinear, > 0.5) and the fixed brain mask (``fixed["mask"]``, > 0.5); NaN when neither holds
     brain (see the module docstring)."""
-    carried = aligned_moving(registration, fixed, moving, key="mask") > 0.5
-    fixed_brain = fixed["mask"].as_tensor().reshape(carried.shape) > 0.5
-    return float(dice_per_structure(carried[None, None], fixed_brain[None, None], label_values=(1,))[0, 0])
+    return dice_with_fixed_brain(aligned_moving(registration, fixed, moving, keys=("mask",))[0], fixed)
 
 
 def normalized_mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
@@ -169,13 +178,14 @@ def qc_scores(registration: Registration, fixed: dict, moving: dict) -> dict[str
     """The scores of the module docstring for the first registration of the batch: ``residual`` (mm),
     ``similarity``, ``brain_overlap``, and ``brain_fill`` and ``smoothness`` as :class:`MovingImageStatsd` recorded
     them in ``moving`` (NaN when it did not)."""
-    warped = aligned_moving(registration, fixed, moving).numpy()
+    # the image and its brain mask share the moving network grid: one sampling grid carries both
+    warped, carried_mask = aligned_moving(registration, fixed, moving, keys=("image", "mask"))
     mask = fixed["mask"][0].numpy() > 0.5
     fixed_values = fixed["image"][0].numpy()[mask]
     return {
         "residual": float(registration.residual[0]),
-        "similarity": normalized_mutual_information(fixed_values, warped[mask]) if mask.any() else 0.0,
-        "brain_overlap": brain_overlap(registration, fixed, moving),
+        "similarity": normalized_mutual_information(fixed_values, warped.numpy()[mask]) if mask.any() else 0.0,
+        "brain_overlap": dice_with_fixed_brain(carried_mask, fixed),
         "brain_fill": float(moving.get("brain_fill", float("nan"))),
         "smoothness": float(moving.get("smoothness", float("nan"))),
     }
@@ -221,7 +231,7 @@ def qc_figure(path: str, registration: Registration, fixed: dict, moving: dict) 
     shape = fixed_image.shape[2:]
     identity = Registration(torch.eye(4, dtype=torch.float64)[None], *[registration.fixed_points] * 2, torch.zeros(1))
     before = warp_moving(identity, moving_image, fixed_affine, moving_affine, shape)[0, 0].numpy()
-    after = aligned_moving(registration, fixed, moving).numpy()
+    after = aligned_moving(registration, fixed, moving)[0].numpy()
     volumes = {"fixed": fixed_image[0, 0].numpy(), "moving (before)": before, "moving (after)": after}
     points = world_to_voxel(fixed_affine[0], registration.fixed_points[0]).numpy()
     center = [s // 2 for s in shape]

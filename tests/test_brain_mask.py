@@ -26,6 +26,7 @@ from scripts.brain_mask import (
     brain_distance,
     head_grid,
     kept_distance,
+    largest_component,
     largest_component_filled,
     network_grid,
     predict_brain_mask,
@@ -95,6 +96,22 @@ def test_head_grid_holds_the_head_and_its_margin_not_the_empty_field_of_view():
     assert empty_shape == network_grid(affine, (100, 100, 100))[1]
 
 
+def test_head_grid_of_a_hollow_head_is_that_of_the_solid_head():
+    """The grid needs only the head's extent: a head whose inside is as dark as the background (a hole of its
+    foreground, here on a grid turned 30 degrees) gets the grid of the same head filled."""
+    affine = misalignment(30, [0.6, 0.0, 0.8], np.ones(3), np.zeros(3), np.zeros(3))
+    affine = affine @ torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    affine[:3, 3] -= affine[:3, :3] @ torch.tensor([39.5, 39.5, 39.5], dtype=torch.float64)
+    solid, head = ball_image(affine, (80, 80, 80), centre=[10.0, -5.0, 0.0], radius=40.0)
+    _, inside = ball_image(affine, (80, 80, 80), centre=[12.0, -5.0, 3.0], radius=30.0)
+    solid[~head] = 0.0
+    hollow = solid.clone()
+    hollow[inside] = 0.0
+    assert bool(head.any()) and int(inside.sum()) > 0.3 * int(head.sum())
+    grid, shape = head_grid(hollow, affine)
+    assert shape == head_grid(solid, affine)[1] and torch.equal(grid, head_grid(solid, affine)[0])
+
+
 def test_signed_distance_is_negative_inside_in_mm_and_clipped():
     index = torch.stack(torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij"), -1)
     ball = (index - 19.5).norm(dim=-1) <= 8.0  # radius 8 voxels = 16 mm
@@ -138,6 +155,9 @@ def test_largest_component_keeps_one_blob_with_its_holes_filled():
     kept = largest_component_filled(mask)
     assert kept[6, 6, 6] and not kept[16, 16, 16] and int(kept.sum()) == 1000
     assert not largest_component_filled(np.zeros((4, 4, 4), dtype=bool)).any()
+    unfilled = largest_component(mask)
+    assert not unfilled[6, 6, 6] and not unfilled[16, 16, 16] and int(unfilled.sum()) == 999
+    assert not largest_component(np.zeros((4, 4, 4), dtype=bool)).any()
 
 
 @pytest.mark.parametrize("angle", [0, 35, 120])

@@ -26,6 +26,7 @@ import torch
 
 from scripts.errors import KeyMorphWorkflowError
 from scripts.keypoint_net import KeypointDetector
+from scripts.provenance import read_provenance
 from scripts.transform_io import read_itk_transform, read_keypoints_csv, read_ras_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -729,8 +730,10 @@ def test_a_kill_after_the_folder_is_in_place_and_before_its_row_costs_the_case_n
 ):
     """A run killed the moment a case's folder is in place (renamed from staging), before its row reached
     summary.csv: the rerun skips the finished case and gives it its real row (from the folder), not a ``skipped``
-    row nor the row of an earlier failure."""
+    row nor the row of an earlier failure. The rerun reads the folder's record once, in the dataset, and the row
+    travels with the skipped case through the evaluator to the writer."""
     import scripts.case_outputs as case_outputs
+    import scripts.inference as inference
 
     engine = type("Engine", (), {})()
     engine.state = type("State", (), {"output": writer_output})()
@@ -759,7 +762,15 @@ def test_a_kill_after_the_folder_is_in_place_and_before_its_row_costs_the_case_n
     assert case_outputs.case_done(str(output), "case")  # the window: the folder in place, its row not written
     assert read_summary(output)["case"]["status"] == "error"
 
-    engine.state.output = {"name": "case", "status": "skipped", "message": "outputs exist", "seconds": 0.0}
+    (tmp_path / "pairs.csv").write_text("moving,fixed\ncase.nii.gz,fixed.nii.gz\n")
+    reads = []
+    monkeypatch.setattr(inference, "read_provenance", lambda folder: reads.append(folder) or read_provenance(folder))
+    dataset = inference.RegistrationDataset("", "", pairs_csv=str(tmp_path / "pairs.csv"), output_dir=str(output))
+    skipped = dataset[0]
+    assert skipped["skipped"] and reads == [str(output / "case")]
+    # the evaluator's hand-on of a skipped case (it needs neither the evaluator nor the engine)
+    engine.state.output = inference.RegistrationEvaluator._iteration(None, None, [skipped])
+    assert engine.state.output["status"] == "skipped"
     rerun = case_outputs.RegistrationWriter(str(output))
     rerun._load_summary(engine)
     rerun(engine)

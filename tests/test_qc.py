@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 
 from scripts.case_outputs import SUMMARY_COLUMNS
-from scripts.qc import QC_THRESHOLDS, brain_overlap, qc_flags, qc_scores
+from scripts.qc import QC_THRESHOLDS, brain_overlap, normalized_mutual_information, qc_flags, qc_scores
 from scripts.registration import Registration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,36 @@ def test_a_wrong_registration_overlaps_poorly_and_is_flagged(fixed_to_moving):
         f"brain mask overlaps the fixed brain only {scores['brain_overlap']:.2f} after registration"
         " (wrong pose, or a poor brain mask?)"
     ]
+
+
+def shifted_by_voxels(volume: torch.Tensor, voxels: int) -> torch.Tensor:
+    """``volume`` ``(SIZE, SIZE, SIZE)`` sampled ``voxels`` further along the first axis (zeros past the edge)."""
+    moved = torch.zeros_like(volume)
+    moved[: SIZE - voxels] = volume[voxels:]
+    return moved
+
+
+@pytest.mark.parametrize("voxels_off", [0, 2], ids=["right", "two_voxels_off"])
+def test_image_and_mask_are_carried_by_the_same_transform(voxels_off):
+    """A moving brain that is the fixed brain shifted by whole voxels, on a grid shifted alike (the same voxels):
+    the registration, right or off by whole voxels along x, samples voxel centres, so the carried image and mask are
+    the fixed ones shifted, and both scores are pinned. The image differs from its mask (its intensities vary, a quarter
+    of them below 0.5), so a mask carried by another transform than the image (or the image taken for the mask)
+    changes ``brain_overlap``."""
+    shift_mm = (3 * SPACING, -2 * SPACING, 1 * SPACING)
+    moving = item(grid_affine(turn(0, 0.0, shift_mm)), turn(0, 0.0, [-s for s in shift_mm]))
+    assert torch.equal(moving["image"], FIXED["image"]) and torch.equal(moving["mask"], FIXED["mask"])
+    off_mm = (shift_mm[0] + voxels_off * SPACING, *shift_mm[1:])
+    scores = qc_scores(registration_of(turn(0, 0.0, off_mm)), FIXED, moving)
+
+    fixed_image, fixed_brain = FIXED["image"][0].as_tensor(), FIXED["mask"][0].as_tensor() > 0.5
+    carried_image = shifted_by_voxels(fixed_image, voxels_off)
+    carried_brain = shifted_by_voxels(fixed_brain, voxels_off)
+    dice = 2 * int((carried_brain & fixed_brain).sum()) / int(carried_brain.sum() + fixed_brain.sum())
+    similarity = normalized_mutual_information(fixed_image[fixed_brain].numpy(), carried_image[fixed_brain].numpy())
+    assert scores["brain_overlap"] == pytest.approx(dice, abs=1e-9)
+    assert scores["similarity"] == pytest.approx(similarity, abs=1e-6)
+    assert (dice == 1.0) == (voxels_off == 0) and dice > 0.8
 
 
 def test_the_threshold_is_respected_and_an_unknown_overlap_flags_nothing():
