@@ -335,17 +335,31 @@ def overlap_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def summary_markdown(rows: list[dict], mask_rows: list[dict], settings: list[str]) -> str:
+def run_lines(settings: list[str]) -> list[str]:
+    """The ``Settings:`` and ``Machine:`` lines of a run made here and now."""
+    return [
+        f"Settings: defaults of configs/inference.yaml{' with ' + ', '.join(settings) if settings else ''}.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}.",
+    ]
+
+
+def recorded_run_lines(summary_path: str) -> list[str] | None:
+    """The ``Settings:`` and ``Machine:`` lines of an earlier ``summary.md`` (None without both): a rewritten
+    report must describe the run that made its csv files, not the process that rewrites it."""
+    if not os.path.exists(summary_path):
+        return None
+    with open(summary_path) as handle:
+        lines = [line.rstrip("\n") for line in handle if line.startswith(("Settings:", "Machine:"))]
+    return lines if len(lines) == 2 else None
+
+
+def summary_markdown(rows: list[dict], mask_rows: list[dict], run: list[str]) -> str:
+    """The report; ``run``: its settings and machine lines (:func:`run_lines`)."""
     conditions = [r for r in rows if r["condition"] != "full"]
     rows = [r for r in rows if r["condition"] == "full"]
     angles = sorted({r["angle"] for r in rows} | {r["angle"] for r in mask_rows})
-    lines = ["# Default user path at any pose (benchmarks/pose_robustness.py)", ""]
-    lines += [f"Settings: defaults of configs/inference.yaml{' with ' + ', '.join(settings) if settings else ''}."]
-    lines += [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}.",
-        "",
-    ]
+    lines = ["# Default user path at any pose (benchmarks/pose_robustness.py)", ""] + run + [""]
     if rows:
         lines += ["## Registration: failures (error > 5 mm or Dice < 0.3) per angle", ""]
         lines += ["(N flagged): failures that QC marked `suspect`, which issue #10 accepts (they go to review).", ""]
@@ -454,7 +468,8 @@ def main(argv=None) -> int:
     if args.report_only:
         rows = _read_csv(os.path.join(args.output_dir, "cases.csv"))
         mask_rows = _read_csv(os.path.join(args.output_dir, "mask_dice.csv"))
-        return _report(args.output_dir, rows, mask_rows, args.setting)
+        recorded = recorded_run_lines(os.path.join(args.output_dir, "summary.md"))
+        return _report(args.output_dir, rows, mask_rows, recorded or run_lines(args.setting))
     os.makedirs(args.output_dir, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
     label_maps = [os.path.join(args.label_maps_dir, f"{s}.nii.gz") for s in args.subjects]
@@ -472,11 +487,11 @@ def main(argv=None) -> int:
         _write_csv(os.path.join(args.output_dir, "cases.csv"), rows)
     mask_rows = mask_scores(cases, args.mask_methods, args.brain_mask_weights)
     _write_csv(os.path.join(args.output_dir, "mask_dice.csv"), mask_rows)
-    return _report(args.output_dir, rows, mask_rows, args.setting)
+    return _report(args.output_dir, rows, mask_rows, run_lines(args.setting))
 
 
-def _report(output_dir: str, rows: list[dict], mask_rows: list[dict], settings: list[str]) -> int:
-    text = summary_markdown(rows, mask_rows, settings)
+def _report(output_dir: str, rows: list[dict], mask_rows: list[dict], run: list[str]) -> int:
+    text = summary_markdown(rows, mask_rows, run)
     with open(os.path.join(output_dir, "summary.md"), "w") as handle:
         handle.write(text + "\n")
     print(text)

@@ -82,8 +82,12 @@ def test_report_of_a_run_before_cases_csv_had_brain_overlap(tmp_path):
     old = [{key: value for key, value in row.items() if key != "brain_overlap"} for row in ROWS]
     pose_robustness._write_csv(str(tmp_path / "cases.csv"), old)
     assert "brain_overlap" not in (tmp_path / "cases.csv").read_text()
+    # the settings and machine of the run that made the csv files, not those of the rewriting process
+    run = ["Settings: defaults of configs/inference.yaml with skull_strip=bundle.", "Machine: x86_64, 64 cores."]
+    (tmp_path / "summary.md").write_text("# old report\n\n" + "\n".join(run) + "\n\nold tables\n")
     assert pose_robustness.main(["--report_only", "--output_dir", str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
+    assert text.splitlines()[2:4] == run and "old tables" not in text
     assert "| 2/3 fail (1 flagged), 25.333 mm |" in _lines(text, "| voxel | same")[0]
     assert _lines(text, "- failures") == ["- failures: unknown (4 cases)"]
     assert _lines(text, "- right registrations") == ["- right registrations: unknown (3 cases)"]
