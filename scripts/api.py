@@ -152,7 +152,7 @@ def register(
             ``aligner``, ``refine_iterations``, ``header_only``, ``device``, ``ckpt_path``). ``overwrite`` is
             true: a call always registers. ``num_workers`` is 0 unless given: one pair has no next case to prepare
             meanwhile, and this process takes every core (the run sets its torch threads, see
-            :func:`scripts.inference.threads_per_process`).
+            :func:`scripts.inference.main_process_threads`).
 
     Raises:
         KeyMorphWorkflowError: a wrong setting, fixed image, output folder or weights (``exit_code`` 2), one line.

@@ -25,7 +25,7 @@ Failures and reruns:
 Throughput: with ``num_workers`` > 0 the dataset's preprocessing (reading, skull stripping, the brain frame: the
 slow part with deepbet) runs in DataLoader worker processes, each preparing one case at a time and holding at
 most one ready (``prefetch_factor`` 1), in the order of the list; the main process registers and writes. Each process
-takes its share of the cores (:func:`threads_per_process`). The fixed image is preprocessed once per run
+has one thread and the main process the rest of the cores (:func:`main_process_threads`). The fixed image is preprocessed once per run
 (:meth:`RegistrationEvaluator.fixed`), and nothing of a case is kept once its row is written, so memory does not
 grow with the folder.
 
@@ -51,7 +51,6 @@ from ignite.engine import Engine, Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import apply_transform
-from torch.utils.data import get_worker_info
 
 from scripts.case_outputs import FIXED_IMAGES_KEPT, case_done, extra_output_names, source_path
 from scripts.cli import as_bool, optional
@@ -323,17 +322,17 @@ class RegistrationEvaluator(SupervisedEvaluator):
         return {**base, "status": "ok", "registration": registration, "fixed": fixed, "moving": item, "start": start}
 
 
-def threads_per_process(num_workers: int, num_threads: int | None = None) -> int:
-    """Torch threads for the main process of a run and for each of its ``num_workers`` preprocessing workers.
+def main_process_threads(num_workers: int, num_threads: int | None = None) -> int:
+    """Torch threads for the main process of a run (it registers and writes); each of its ``num_workers``
+    preprocessing workers runs one thread (:data:`WORKER_THREADS`).
 
     ``num_threads`` when given; else ``OMP_NUM_THREADS`` when set (the user's choice, or torchrun's: it sets 1 for
     each of several processes); else the cores this process may run on, shared among the processes torchrun started
-    on this machine (``LOCAL_WORLD_SIZE``) and among the main process and its workers, at least 1 each.
+    on this machine (``LOCAL_WORLD_SIZE``), less one per worker, at least 1.
 
-    Why not torch's default (every core, in every process): the main process and its workers would each start as
-    many threads as there are cores, and OpenMP threads that outnumber the cores wait for one another at every
-    parallel step; on a 2-core machine shared with a training run, five small cases took 102 s with torch's default
-    and 8.5 s with one thread per process.
+    Why not torch's default (every core, in every process): OpenMP threads that outnumber the cores wait for one
+    another at every parallel step; on a 2-core machine shared with a training run, five small cases took 102 s with
+    torch's default and 8.5 s with one thread per process.
     """
     if optional(num_threads) is not None:
         return int(num_threads)
@@ -341,12 +340,20 @@ def threads_per_process(num_workers: int, num_threads: int | None = None) -> int
         return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
-    return max(1, cores // processes_here // (int(num_workers) + 1))
+    return max(1, cores // processes_here - int(num_workers))
 
 
-def start_worker(worker_id: int, num_threads: int | None = None) -> None:
-    """``worker_init_fn`` of the inference DataLoader: the worker's torch threads (:func:`threads_per_process`)."""
-    torch.set_num_threads(threads_per_process(get_worker_info().num_workers, num_threads))
+#: Torch threads of a preprocessing worker. One, always: a worker is forked from the main process once that has run
+#: its own threads, and OpenMP cannot start threads again in such a child: a worker given two hung at its first
+#: parallel step (deepbet's first convolution), forever and without a message. One worker per case in flight is how
+#: more cores speed up the preprocessing (``num_workers``).
+WORKER_THREADS = 1
+
+
+def start_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the inference DataLoader: the worker runs :data:`WORKER_THREADS` torch thread (torch's
+    own default for DataLoader workers, made explicit here so that no later setting raises it)."""
+    torch.set_num_threads(WORKER_THREADS)
 
 
 @workflow_step

@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_inference import (
     OUTPUT_FILES,
+    ROOT,
     TRUTH,
     _snapshot,
     has_traceback,
@@ -190,47 +191,52 @@ def test_a_slow_rebuild_comes_less_often(tmp_path, monkeypatch):
     "cores, environment, workers, threads, expected",
     [
         (8, {}, 0, None, 8),
-        (8, {}, 1, None, 4),
+        (8, {}, 2, None, 6),  # a core per worker
         (2, {}, 1, None, 1),
         (2, {}, 3, None, 1),  # never 0
-        (8, {"LOCAL_WORLD_SIZE": "2"}, 1, None, 2),  # torchrun's processes on this machine share the cores too
+        (8, {"LOCAL_WORLD_SIZE": "2"}, 1, None, 3),  # torchrun's processes on this machine share the cores too
         (8, {"OMP_NUM_THREADS": "3"}, 1, None, 3),  # the user's (or torchrun's) choice
         (8, {"OMP_NUM_THREADS": "3"}, 1, 5, 5),  # --num_threads first
-        (8, {}, 1, "null", 4),
+        (8, {}, 1, "null", 7),
     ],
 )
-def test_threads_per_process(monkeypatch, cores, environment, workers, threads, expected):
-    from scripts.inference import threads_per_process
+def test_main_process_threads(monkeypatch, cores, environment, workers, threads, expected):
+    from scripts.inference import main_process_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
-    assert threads_per_process(workers, threads) == expected
+    assert main_process_threads(workers, threads) == expected
 
 
-class ThreadsSeen(torch.utils.data.Dataset):
+class ThreadedWork(torch.utils.data.Dataset):
+    """Work that torch spreads over its threads (a convolution, as deepbet's), then the worker's thread count."""
+
     def __len__(self) -> int:
         return 2
 
     def __getitem__(self, index: int) -> int:
+        volume, kernel = torch.ones(1, 4, 48, 48, 48), torch.ones(4, 4, 3, 3, 3)
+        torch.nn.functional.conv3d(volume, kernel)
         return torch.get_num_threads()
 
 
-def test_each_worker_starts_with_its_share(monkeypatch):
-    import functools
+def test_workers_of_a_multi_threaded_run_run_one_thread_and_finish():
+    """The inference config's DataLoader, its main process on two threads that have run (as a run's have before its
+    workers start): OpenMP cannot start threads again in a forked child, so a worker given two hung at its first
+    parallel step, forever and without a message (a 6-core machine's default). Each worker must run one thread, and
+    the loader must deliver (it raises after its timeout instead of hanging)."""
+    from scripts.bundle_api import load_config
 
-    from scripts.inference import start_worker
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))  # inherited by the forked workers
-    loader = torch.utils.data.DataLoader(
-        ThreadsSeen(), batch_size=None, num_workers=2, worker_init_fn=functools.partial(start_worker, num_threads=None)
-    )
-    assert list(loader) == [2, 2]  # 6 cores for the main process and two workers
-    loader = torch.utils.data.DataLoader(
-        ThreadsSeen(), batch_size=None, num_workers=1, worker_init_fn=functools.partial(start_worker, num_threads=1)
-    )
-    assert list(loader) == [1, 1]  # --num_threads 1
+    parser = load_config(ROOT, num_workers=2, num_threads=2)
+    parser["dataset"], parser["dataloader"]["timeout"] = ThreadedWork(), 120
+    loader = parser.get_parsed_content("dataloader")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.nn.functional.conv3d(torch.ones(1, 4, 48, 48, 48), torch.ones(4, 4, 3, 3, 3))
+        assert list(loader) == [[1], [1]]  # no collation: a list per case
+    finally:
+        torch.set_num_threads(threads)

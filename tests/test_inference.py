@@ -152,16 +152,21 @@ def write_checkpoint(path, seed: int = 0) -> str:
 
 
 def run_bundle(
-    *arguments: str, cwd: Path = ROOT, python_path=(), env=None, config_file: str = "configs/inference.yaml"
+    *arguments: str,
+    cwd: Path = ROOT,
+    python_path=(),
+    env=None,
+    config_file: str = "configs/inference.yaml",
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run inference --config_file configs/inference.yaml ARGUMENTS`` in the bundle root
     (or ``cwd``); ``python_path`` folders go before the bundle root on PYTHONPATH, ``env`` adds environment
-    variables."""
+    variables; ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
     command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config_file]
     path = os.pathsep.join([*map(str, python_path), str(ROOT)])
     env = {**os.environ, **(env or {}), "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [*command, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+        [*command, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
