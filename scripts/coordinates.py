@@ -128,10 +128,17 @@ def voxel_grid_world(affine: torch.Tensor, spatial_shape) -> torch.Tensor:
     return apply_affine(affine, voxels.expand(affine.shape[0], -1, -1))
 
 
+def world_to_grid_matrix(moving_affine: torch.Tensor, moving_shape) -> torch.Tensor:
+    """The ``(..., 4, 4)`` matrix taking moving-world points (mm) to PyTorch grid coordinates (reversed, normalized) of
+    the grid of voxel-to-world ``moving_affine`` ``(..., 4, 4)`` and spatial shape ``moving_shape``; composed with a
+    world transform first, it moves many points onto the grid in one product."""
+    to_normalized = voxel_to_normalized(moving_shape, moving_affine.dtype).to(moving_affine.device)
+    return (to_normalized @ torch.linalg.inv(moving_affine))[..., [2, 1, 0, 3], :]
+
+
 def world_points_to_grid(points: torch.Tensor, moving_affine: torch.Tensor, moving_shape) -> torch.Tensor:
     """Moving-world points ``(B, N, 3)`` to PyTorch grid coordinates ``(B, N, 3)`` (reversed, normalized)."""
-    to_normalized = voxel_to_normalized(moving_shape, points.dtype).to(points.device) @ torch.linalg.inv(moving_affine)
-    return apply_affine(to_normalized.to(points.dtype), points).flip(-1)
+    return apply_affine(world_to_grid_matrix(moving_affine, moving_shape).to(points.dtype), points)
 
 
 def warp(moving: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
@@ -173,11 +180,10 @@ def resample_onto(
     fixed_shape = [int(s) for s in fixed_shape]
     moving_shape = [int(s) for s in moving.shape[1:]]
     dtype = torch.float64
-    # fixed voxel indices (i, j, k) -> moving voxel indices -> grid_sample's (x, y, z) = normalized (k, j, i)
-    fixed_to_moving_voxels = (
-        torch.linalg.inv(moving_affine.to(dtype)) @ fixed_to_moving.to(dtype) @ fixed_affine.to(dtype)
-    ).cpu()
-    to_grid = (voxel_to_normalized(moving_shape, dtype) @ fixed_to_moving_voxels)[[2, 1, 0, 3]].to(moving.device)
+    # fixed voxel indices (i, j, k) -> moving voxel indices, and -> grid_sample's (x, y, z) = normalized (k, j, i)
+    fixed_voxels_to_world = fixed_to_moving.to(dtype) @ fixed_affine.to(dtype)
+    fixed_to_moving_voxels = (torch.linalg.inv(moving_affine.to(dtype)) @ fixed_voxels_to_world).cpu()
+    to_grid = (world_to_grid_matrix(moving_affine.to(dtype), moving_shape) @ fixed_voxels_to_world).to(moving.device)
     out_dtype = moving.dtype if mode == "nearest" else torch.float32
     out = torch.zeros(moving.shape[0], *fixed_shape, dtype=out_dtype, device=moving.device)
     box = _fixed_box_reaching_content(moving, fixed_to_moving_voxels, fixed_shape)

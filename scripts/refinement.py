@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 from monai.utils import convert_to_tensor
 
-from scripts.coordinates import apply_affine, voxel_to_normalized, warp, world_points_to_grid
+from scripts.coordinates import apply_affine, warp, world_points_to_grid, world_to_grid_matrix
 
 #: parameters' scale: 1 means 10 % of linear change (``L``) or 10 mm of translation (``t``)
 LINEAR_SCALE, SHIFT_SCALE = 0.1, 10.0
@@ -99,10 +99,8 @@ class _Cost:
     def __init__(self, fixed, fixed_affine, moving, moving_affine, points: torch.Tensor, loss: torch.nn.Module):
         self.fixed_values = _values(convert_to_tensor(fixed, track_meta=False), torch.as_tensor(fixed_affine), points)
         self.moving = convert_to_tensor(moving, track_meta=False)
-        moving_affine = torch.as_tensor(moving_affine).to(points.dtype)
-        to_normalized = voxel_to_normalized(self.moving.shape[1:], points.dtype).to(points.device)
-        # world mm -> grid_sample's (x, y, z) = normalized (k, j, i): the rows of (i, j, k) reversed
-        self.world_to_grid = (to_normalized @ torch.linalg.inv(moving_affine))[[2, 1, 0, 3]]
+        moving_affine = torch.as_tensor(moving_affine).to(device=points.device, dtype=points.dtype)
+        self.world_to_grid = world_to_grid_matrix(moving_affine, self.moving.shape[1:])
         self.points, self.loss = points, loss
 
     def __call__(self, fixed_to_moving: torch.Tensor) -> torch.Tensor:
