@@ -128,10 +128,17 @@ def voxel_grid_world(affine: torch.Tensor, spatial_shape) -> torch.Tensor:
     return apply_affine(affine, voxels.expand(affine.shape[0], -1, -1))
 
 
+def world_to_grid_matrix(moving_affine: torch.Tensor, moving_shape) -> torch.Tensor:
+    """The ``(..., 4, 4)`` matrix taking moving-world points (mm) to PyTorch grid coordinates (reversed, normalized) of
+    the grid of voxel-to-world ``moving_affine`` ``(..., 4, 4)`` and spatial shape ``moving_shape``; composed with a
+    world transform first, it moves many points onto the grid in one product."""
+    to_normalized = voxel_to_normalized(moving_shape, moving_affine.dtype).to(moving_affine.device)
+    return (to_normalized @ torch.linalg.inv(moving_affine))[..., [2, 1, 0, 3], :]
+
+
 def world_points_to_grid(points: torch.Tensor, moving_affine: torch.Tensor, moving_shape) -> torch.Tensor:
     """Moving-world points ``(B, N, 3)`` to PyTorch grid coordinates ``(B, N, 3)`` (reversed, normalized)."""
-    to_normalized = voxel_to_normalized(moving_shape, points.dtype).to(points.device) @ torch.linalg.inv(moving_affine)
-    return apply_affine(to_normalized.to(points.dtype), points).flip(-1)
+    return apply_affine(world_to_grid_matrix(moving_affine, moving_shape).to(points.dtype), points)
 
 
 def warp(moving: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
@@ -143,6 +150,11 @@ def ras_to_lps(matrix: torch.Tensor) -> torch.Tensor:
     """Express a 4x4 RAS world matrix in ITK's LPS world (the same map, other axes); also LPS -> RAS."""
     flip = RAS_LPS_FLIP.to(matrix.device, matrix.dtype)
     return flip @ matrix @ flip
+
+
+#: Fixed-grid voxels :func:`resample_onto` samples per ``grid_sample`` call: one slab's sampling grid (float64, then
+#: float32) takes a few MB however large the output, where a whole grid of a 512^3 output would take 1.5 GB.
+SLAB_VOXELS = 2**18
 
 
 def resample_onto(
@@ -158,10 +170,76 @@ def resample_onto(
     Works on native grids of any orientation and spacing (4x4 voxel-to-world ``moving_affine`` and
     ``fixed_affine``, ``fixed_to_moving`` as in :func:`sampling_grid`); outside the moving field of view is 0.
     ``mode`` is "bilinear" for intensities and "nearest" for label maps (whose dtype is kept).
+
+    Only the box of the fixed grid that reaches the moving image's content (its non-zero voxels, one voxel wider:
+    what a trilinear weight can touch) is sampled; the rest is 0, as every sample there would be. A brain-extracted
+    image fills a fraction of its field of view, and the fixed grid is usually larger than the moving brain. The box
+    is sampled in slabs of about :data:`SLAB_VOXELS` voxels whose sampling grid is computed in float64 from the
+    voxel indices (``grid_sample``'s coordinates, ``align_corners=True``): float64 matrices, float32 steps.
     """
-    grid = sampling_grid(fixed_to_moving[None], fixed_affine[None], moving_affine[None], fixed_shape, moving.shape[1:])
-    warped = warp(moving[None].to(torch.float32), grid, mode=mode)[0]
-    return warped.to(moving.dtype) if mode == "nearest" else warped
+    fixed_shape = [int(s) for s in fixed_shape]
+    moving_shape = [int(s) for s in moving.shape[1:]]
+    dtype = torch.float64
+    # fixed voxel indices (i, j, k) -> moving voxel indices, and -> grid_sample's (x, y, z) = normalized (k, j, i)
+    fixed_voxels_to_world = fixed_to_moving.to(dtype) @ fixed_affine.to(dtype)
+    fixed_to_moving_voxels = (torch.linalg.inv(moving_affine.to(dtype)) @ fixed_voxels_to_world).cpu()
+    to_grid = (world_to_grid_matrix(moving_affine.to(dtype), moving_shape) @ fixed_voxels_to_world).to(moving.device)
+    out_dtype = moving.dtype if mode == "nearest" else torch.float32
+    out = torch.zeros(moving.shape[0], *fixed_shape, dtype=out_dtype, device=moving.device)
+    box = _fixed_box_reaching_content(moving, fixed_to_moving_voxels, fixed_shape)
+    if box is None:
+        return out
+    (i_low, i_high), (j_low, j_high), (k_low, k_high) = box
+    # the grid channel first, (3, rows, J, K), so each step runs along whole contiguous planes; grid_sample reads it
+    # through a permuted view
+    j = torch.arange(j_low, j_high, dtype=dtype, device=moving.device)
+    k = torch.arange(k_low, k_high, dtype=dtype, device=moving.device)
+    plane = to_grid[:3, 1, None, None] * j[:, None] + to_grid[:3, 2, None, None] * k + to_grid[:3, 3, None, None]
+    plane, step = plane.to(torch.float32), to_grid[:3, 0].to(torch.float32)
+    source = moving[None].to(torch.float32)
+    slab = max(1, SLAB_VOXELS // max(plane.shape[1] * plane.shape[2], 1))
+    for start in range(i_low, i_high, slab):
+        rows = torch.arange(start, min(start + slab, i_high), dtype=torch.float32, device=moving.device)
+        grid = plane[:, None] + (step[:, None] * rows)[:, :, None, None]
+        warped = warp(source, grid.permute(1, 2, 3, 0)[None], mode=mode)[0]
+        out[:, start : start + len(rows), j_low:j_high, k_low:k_high] = warped.to(out.dtype)
+    return out
+
+
+def _fixed_box_reaching_content(
+    moving: torch.Tensor, fixed_to_moving_voxels: torch.Tensor, fixed_shape
+) -> list[tuple[int, int]] | None:
+    """Index ranges ``[(low, high)] * 3`` (high exclusive) of the fixed-grid box whose voxels may sample a non-zero
+    (or NaN) voxel of ``moving`` ``(C, D, H, W)`` through ``fixed_to_moving_voxels`` ``(4, 4)`` (fixed voxel indices to
+    moving ones), with a voxel to spare; None when no voxel does. The whole grid when the matrix is not invertible."""
+    content = ((moving != 0).any(0) if len(moving) > 1 else moving[0] != 0).cpu()
+    # reductions over the contiguous trailing axes and over whole planes: fast, where reducing a middle axis is not
+    planes = content.any(0)
+    spans = [content.flatten(1).any(1), planes.any(1), planes.any(0)]
+    if not bool(spans[0].any()):
+        return None
+    whole = [(0, size) for size in fixed_shape]
+    # a trilinear sample at p reads voxels floor(p) and floor(p) + 1: content in [low, high] is seen from (low - 1,
+    # high + 1)
+    ranges = [(float(s.nonzero()[0]) - 1, float(s.nonzero()[-1]) + 1) for s in spans]
+    corners = torch.tensor(
+        [[i, j, k, 1.0] for i in ranges[0] for j in ranges[1] for k in ranges[2]], dtype=torch.float64
+    )
+    try:
+        to_fixed = torch.linalg.inv(fixed_to_moving_voxels)
+    except RuntimeError:  # a singular transform: no box to bound
+        return whole
+    fixed_corners = corners @ to_fixed.T
+    if not bool(torch.isfinite(fixed_corners).all()):
+        return whole
+    low, high = fixed_corners[:, :3].min(0).values, fixed_corners[:, :3].max(0).values
+    box = []
+    for axis, size in enumerate(fixed_shape):
+        first, last = max(0, math.floor(float(low[axis])) - 1), min(size - 1, math.ceil(float(high[axis])) + 1)
+        if first > last:
+            return None
+        box.append((first, last + 1))
+    return box
 
 
 def rotation_angle_deg(matrix: torch.Tensor) -> float:

@@ -337,7 +337,7 @@ def save_volume(path: str, data: np.ndarray | torch.Tensor, reference: nib.Nifti
     header["descrip"] = b"KeyMorph registration output"
     image_class = type(reference) if isinstance(reference, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
     # With an affine equal to the header's, nibabel leaves the header's qform and sform (and their codes) untouched.
-    image = image_class(array.astype(dtype), reference.affine, header)
+    image = image_class(array.astype(dtype, copy=False), reference.affine, header)
     write_atomically(path, lambda temporary: nib.save(image, temporary))
 
 

@@ -26,13 +26,14 @@ fixed image at sampled points and the moving image at their transformed position
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 from monai.utils import convert_to_tensor
 
-from scripts.coordinates import apply_affine, warp, world_points_to_grid
+from scripts.coordinates import apply_affine, warp, world_points_to_grid, world_to_grid_matrix
 
 #: parameters' scale: 1 means 10 % of linear change (``L``) or 10 mm of translation (``t``)
 LINEAR_SCALE, SHIFT_SCALE = 0.1, 10.0
@@ -71,16 +72,42 @@ def _values(image: torch.Tensor, affine: torch.Tensor, world: torch.Tensor) -> t
     return warp(image[None].to(torch.float32), grid.view(1, -1, 1, 1, 3).to(torch.float32))
 
 
+class _FixedTargetMutualInformation(GlobalMutualInformationLoss):
+    """MONAI's :class:`GlobalMutualInformationLoss`, step for step (the same result, bit for bit), for a target that
+    stays the same tensor from call to call (the fixed image's values at the level's points): its Parzen windows are
+    computed once instead of at every step of the descent."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._target, self._target_windows = None, None
+
+    def parzen_windowing(self, pred: torch.Tensor, target: torch.Tensor):
+        if self.kernel_type != "gaussian":
+            return super().parzen_windowing(pred, target)
+        if target is not self._target:
+            self._target, self._target_windows = target, self.parzen_windowing_gaussian(target)
+        return (*self.parzen_windowing_gaussian(pred), *self._target_windows)
+
+
 class _Cost:
-    """Mutual-information cost (lower is better) of fixed-to-moving matrices at fixed points on one level."""
+    """Mutual-information cost (lower is better) of fixed-to-moving matrices at fixed points on one level.
+
+    ``cost(matrix)`` reads the moving image at the points moved by the ``(4, 4)`` float64 fixed-to-moving world
+    matrix: the matrix is composed with the moving grid's world-to-sampling-grid matrix first, so each step moves the
+    points by one matrix product (the same points as moving them through world coordinates, up to float64 rounding).
+    """
 
     def __init__(self, fixed, fixed_affine, moving, moving_affine, points: torch.Tensor, loss: torch.nn.Module):
         self.fixed_values = _values(convert_to_tensor(fixed, track_meta=False), torch.as_tensor(fixed_affine), points)
-        self.moving, self.moving_affine = convert_to_tensor(moving, track_meta=False), torch.as_tensor(moving_affine)
+        self.moving = convert_to_tensor(moving, track_meta=False)
+        moving_affine = torch.as_tensor(moving_affine).to(device=points.device, dtype=points.dtype)
+        self.world_to_grid = world_to_grid_matrix(moving_affine, self.moving.shape[1:])
         self.points, self.loss = points, loss
 
-    def __call__(self, moved_points: torch.Tensor) -> torch.Tensor:
-        return self.loss(_values(self.moving, self.moving_affine, moved_points), self.fixed_values)
+    def __call__(self, fixed_to_moving: torch.Tensor) -> torch.Tensor:
+        grid = apply_affine(self.world_to_grid @ fixed_to_moving, self.points)
+        values = warp(self.moving[None].to(torch.float32), grid.view(1, -1, 1, 1, 3).to(torch.float32))
+        return self.loss(values, self.fixed_values)
 
 
 def refine_affine(
@@ -140,7 +167,7 @@ def refine_affine(
     points = sample_points(voxels, on_cpu, samples, generator).to(device)
     check_points = sample_points(voxels, on_cpu, check_samples, generator).to(device)
     center = apply_affine(on_cpu, torch.nonzero(fixed_mask[0] > 0.5).to(torch.float64)).mean(0).to(device)
-    loss = GlobalMutualInformationLoss(num_bins=num_bins, sigma_ratio=0.5)
+    loss = _FixedTargetMutualInformation(num_bins=num_bins, sigma_ratio=0.5)
     levels = [((fixed, fixed_affine, moving, moving_affine), iterations, learning_rate)]
     if fine is not None and fine_iterations > 0:
         levels.append((tuple(fine), fine_iterations, fine_learning_rate))
@@ -148,27 +175,42 @@ def refine_affine(
     zero = (torch.zeros(3, 3, dtype=torch.float64, device=device), torch.zeros(3, dtype=torch.float64, device=device))
     linear, shift = zero
 
-    def moved(points: torch.Tensor, linear: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        eye = torch.eye(3, dtype=torch.float64, device=device)
-        updated = center + (points - center) @ (eye + LINEAR_SCALE * linear).T + SHIFT_SCALE * shift
-        return apply_affine(initial, updated)
+    def transform(linear: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``T0 @ U``: ``U(p) = c + (I + L)(p - c) + t`` with the parameters' scales (module docstring)."""
+        update = torch.eye(4, dtype=torch.float64, device=device)
+        update[:3, :3] = torch.eye(3, dtype=torch.float64, device=device) + LINEAR_SCALE * linear
+        update[:3, 3] = center + SHIFT_SCALE * shift - update[:3, :3] @ center
+        return initial @ update
 
-    with torch.enable_grad():  # callers register under no_grad; only these 12 parameters get gradients
+    # callers register under no_grad; only these 12 parameters get gradients
+    with torch.enable_grad(), one_thread():
         for images, steps, rate in levels:
             cost = _Cost(*images, points, loss)
-            linear, shift = _descend(cost, moved, linear, shift, steps, rate, tolerance, patience)
+            linear, shift = _descend(cost, transform, linear, shift, steps, rate, tolerance, patience)
     if check_samples > 0:
         check = _Cost(*levels[-1][0], check_points, loss)
-        with torch.no_grad():
-            if float(check(moved(check_points, linear, shift))) >= float(check(moved(check_points, *zero))):
+        with torch.no_grad(), one_thread():
+            if float(check(transform(linear, shift))) >= float(check(transform(*zero))):
                 return initial
-    update = torch.eye(4, dtype=torch.float64, device=device)
-    update[:3, :3] = torch.eye(3, dtype=torch.float64, device=device) + LINEAR_SCALE * linear
-    update[:3, 3] = center + SHIFT_SCALE * shift - update[:3, :3] @ center
-    return initial @ update
+    return transform(linear, shift)
 
 
-def _descend(cost: _Cost, moved, linear, shift, steps: int, rate: float, tolerance: float, patience: int):
+@contextmanager
+def one_thread():
+    """torch's intra-op threads set to one for the block, then restored. The descent runs a few thousand operations
+    on a few thousand points (``(8000, 32)`` Parzen windows, 3-D samples at 8000 points): too small for several
+    threads, whose synchronisation costs more than it saves; on a busy CPU each parallel operation also waits for
+    every thread to be scheduled (one refinement on a loaded 2-core machine: 72 s with 2 threads, 3 s with one).
+    The results are the same (each operation's arithmetic does not depend on the thread count here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _descend(cost: _Cost, transform, linear, shift, steps: int, rate: float, tolerance: float, patience: int):
     """Adam on one level from ``(linear, shift)``; returns the parameters of the lowest cost met (the start
     included)."""
     linear, shift = linear.clone().requires_grad_(True), shift.clone().requires_grad_(True)
@@ -177,7 +219,7 @@ def _descend(cost: _Cost, moved, linear, shift, steps: int, rate: float, toleran
     best_cost, best, best_step = float("inf"), (linear.detach().clone(), shift.detach().clone()), 0
     for step in range(steps + 1):  # the last pass only scores the last step
         optimizer.zero_grad()
-        value = cost(moved(cost.points, linear, shift))
+        value = cost(transform(linear, shift))
         current = float(value.detach())
         if current < best_cost - tolerance:
             best_step = step

@@ -137,7 +137,7 @@ class SkullStripd(MapTransform):
             elif self.backend == "mask":
                 brain = self._file_mask(image, d.get(mask_path_key), name)
             else:
-                brain = torch.nan_to_num(image.as_tensor()[0].detach()) > 0
+                brain = image.as_tensor()[0].detach() > 0  # NaN is not brain
             if not bool(brain.any()):
                 source = f"mask file {d.get(mask_path_key)}" if self.backend == "mask" else f"backend {self.backend!r}"
                 raise KeyMorphInputError(f"{name}: the brain mask is empty ({source})")

@@ -170,6 +170,33 @@ def test_resample_onto_nearest_keeps_label_dtype_and_values():
     assert torch.equal(same, labels)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_resample_onto_samples_only_where_the_content_reaches_and_misses_none_of_it(mode):
+    """A small non-zero block in a large field of view (a brain-extracted image): resample_onto samples only the part
+    of the fixed grid that reaches it, in slabs, and gives what one whole-grid grid_sample gives, the block's edges
+    included; a transform that moves the block off the fixed grid gives zeros."""
+    generator = torch.Generator().manual_seed(5)
+    moving = torch.zeros(1, 30, 34, 28)
+    moving[0, 8:14, 20:27, 5:12] = torch.rand(6, 7, 7, generator=generator) + 0.5
+    moving_affine = to_torch(oblique_affine())
+    fixed_affine = to_torch(voxel_affine(rotation_matrix([1.0, 0.2, -0.4], 30.0), [0.8, 1.1, 0.9], [-10, -25, -5]))
+    fixed_shape = (40, 44, 50)
+    transform = torch.eye(4, dtype=DTYPE)
+    transform[:3, :3] = to_torch(rotation_matrix([0.2, 1.0, 0.3], 20.0) * 1.05)
+    transform[:3, 3] = torch.tensor([3.0, -2.0, 4.0], dtype=DTYPE)
+    grid = sampling_grid(transform[None], fixed_affine[None], moving_affine[None], fixed_shape, moving.shape[1:])
+    whole = warp(moving[None], grid, mode=mode)[0]
+    out = resample_onto(moving, moving_affine, fixed_affine, fixed_shape, transform, mode=mode)
+    assert 0 < int((whole > 0).sum()) < whole.numel() // 10  # the block lands inside, on a small part of the grid
+    if mode == "nearest":
+        assert torch.equal(out, whole)
+    else:
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=0)
+    away = transform.clone()
+    away[:3, 3] += 500.0
+    assert not bool(resample_onto(moving, moving_affine, fixed_affine, fixed_shape, away, mode=mode).any())
+
+
 # --- the world round trip against SimpleITK -------------------------------------------------------------------------
 
 
