@@ -5,7 +5,8 @@ folder, keeping between them only each image's keypoints, its transform and a fe
 memory does not grow with the folder:
 
 1. **Keypoints** (:meth:`GroupwiseRegistration.collect`): each image is preprocessed as inference does it (read,
-   RAS, brain mask, [0, 1] intensities, the network grid on the brain) and the keypoint network gives its keypoints
+   RAS, brain mask, [0, 1] intensities, the network grid on the brain; the brain extracted here, once per run: see
+   below) and the keypoint network gives its keypoints
    in world millimetres (RAS), with ``search_turns`` also those of its grid turned by 180 degrees about each axis
    (:data:`scripts.registration.GRID_TURNS`). Kept per image: the keypoints ``(T, K, 3)``, an outline of its
    brain (64 extreme points, world mm), the QC scores of the moving image alone (``brain_fill``, ``smoothness``)
@@ -26,6 +27,18 @@ memory does not grow with the folder:
    keypoints, QC figures, provenance) and ``summary.csv``, through the inference writer, with the transforms the
    template was made with. Each case's QC similarity, brain overlap (its brain mask against the template's,
    ``template_mask`` > 0.5) and ``qc.png`` compare it with the template.
+
+**Each brain is extracted once.** Every pass reads the images through the inference preprocessing again (3 +
+2 x ``template_iterations`` reads, 7 by default, plus the template's contrast reference once per template), and
+brain extraction (``skull_strip`` deepbet, with the head-pose search and a second deepbet pass on turned heads, or
+bundle) is the slow part of a read. :class:`CachedSkullStripd` writes each image's mask, the first time the image
+is read, to ``OUT_DIR/.brain_masks/NAME.nii.gz`` (the image file's grid, uint8, atomically), and the later reads
+take the image with it through the "mask" backend, which gives the same mask voxel for voxel: the masks,
+keypoints, transforms and template are those of extracting it in every pass. Memory stays independent of the
+folder (the masks are on disk). The folder belongs to one run: emptied before the first pass (a killed run's masks
+are never trusted) and removed at the end; a rerun extracts again. ``skull_strip`` mask and none read no network
+and are not cached. On three whole-head 1 mm T1 heads (deepbet, default settings) the run took BEFORE_S s before
+and AFTER_S s after (see the README's groupwise section for the command).
 
 Why rounds, and why one contrast: on held-out subject 13's T1, T2 and PD at 1.5 mm
 (``python benchmarks/groupwise_consistency.py --seeds 0``) the keypoint solutions alone are 2.40 mm from the truth
@@ -351,10 +364,11 @@ class CachedSkullStripd(Transform):
     """The preprocessing's brain extraction (``extractor``, a one-key :class:`scripts.skull_strip.SkullStripd`), run
     once per image in a run that reads each image several times.
 
-    The first time an item (``data["name"]``: a checked case name) comes through, ``extractor`` finds the brain and
+    Items are the dataset's: ``name`` (a checked case name) and the extractor's key, a ``(1, D, H, W)`` MetaTensor
+    read from a file and reoriented to RAS. The first time a case comes through, ``extractor`` finds the brain and
     its mask is written to ``cache_dir/NAME.nii.gz`` as ``moving_mask.nii.gz`` is (:func:`write_native_mask`: the
     image file's own grid and header, uint8 0/1, atomically: a killed run leaves a whole mask or none). The next
-    times the image is read with that mask by the "mask" backend (``--skull_strip mask``'s path). The mask comes
+    times, the image is stripped with that mask by the "mask" backend (``--skull_strip mask``'s path). The mask comes
     back onto the image's RAS grid as it was (the same header, reoriented the same way: no resampling), so the image,
     the mask and all that is computed from them are those the extractor gave. With the backends that extract nothing
     (:data:`EXTRACTING_BACKENDS`: "mask" and "none" read the brain as it is), ``extractor`` runs every time.
