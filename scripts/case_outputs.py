@@ -168,6 +168,22 @@ def write_registered(path: str, moving, fixed_file: nib.Nifti1Image, fixed_to_mo
     return registered
 
 
+def write_native_mask(path: str, mask, moving_file: nib.Nifti1Image) -> None:
+    """Write a brain mask found on the RAS-reoriented grid (``mask``: ``(1, D, H, W)`` MetaTensor, brain > 0.5) on
+    the moving file's own grid, voxel for voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8
+    0/1 with the file's header (:func:`scripts.image_io.save_volume`: atomically). Read back through the RAS
+    reorientation (:func:`scripts.image_io.load_onto_grid`), it gives the same mask on the same grid."""
+    native = resample_onto(
+        mask.as_tensor().cpu(),
+        affine_of(mask),
+        torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
+        moving_file.shape[:3],
+        torch.eye(4, dtype=torch.float64),
+        mode="nearest",
+    )[0]
+    save_volume(path, (native > 0.5).numpy(), moving_file, np.uint8)
+
+
 def process_group() -> tuple[int, int]:
     """``(rank, world size)`` of the default ``torch.distributed`` process group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
@@ -411,7 +427,7 @@ class RegistrationWriter:
             self._write_extra(extra, inside(folder, extra_name), fixed_file, fixed_affine, matrix)
         moving_file = nib.load(source)
         write_transform_files(folder, matrix, fixed_file, moving_file)
-        self._write_moving_mask(moving["native_mask"], moving_file, folder)
+        write_native_mask(os.path.join(folder, MASK_FILE), moving["native_mask"], moving_file)
         if self.header_only:
             moved = header_moved(moving_file, torch.linalg.inv(matrix).numpy(), fixed_file)
             write_atomically(os.path.join(folder, HEADER_ONLY_FILE), lambda p: nib.save(moved, p))
@@ -438,20 +454,6 @@ class RegistrationWriter:
             "smoothness": f"{scores['smoothness']:.4f}",
             "brain_overlap": f"{scores['brain_overlap']:.4f}",
         }
-
-    @staticmethod
-    def _write_moving_mask(mask, moving_file, folder: str) -> None:
-        """Write the moving brain mask (found on the RAS-reoriented grid) on the moving file's own grid, voxel for
-        voxel (a reorientation: nearest neighbour lands on voxel centres), as uint8 0/1."""
-        native = resample_onto(
-            mask.as_tensor().cpu(),
-            affine_of(mask),
-            torch.from_numpy(np.asarray(moving_file.affine, dtype=np.float64)),
-            moving_file.shape[:3],
-            torch.eye(4, dtype=torch.float64),
-            mode="nearest",
-        )[0]
-        save_volume(os.path.join(folder, MASK_FILE), (native > 0.5).numpy(), moving_file, np.uint8)
 
     @staticmethod
     def _write_extra(path: str, target: str, fixed_file, fixed_affine: torch.Tensor, matrix: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Orientationd
 from test_inference import (
     NUM_KEYPOINTS,
     OUTPUT_FILES,
@@ -39,6 +40,8 @@ from test_inference import (
 from scripts.coordinates import apply_affine
 from scripts.errors import KeyMorphWorkflowError
 from scripts.groupwise import (
+    BRAIN_MASK_CACHE,
+    CachedSkullStripd,
     brain_outline,
     centroid_and_size,
     check_groupwise_settings,
@@ -50,6 +53,8 @@ from scripts.groupwise import (
     repinned,
     rotation_factor,
 )
+from scripts.image_io import LoadVolumed
+from scripts.skull_strip import SkullStripd
 from scripts.transform_io import read_itk_transform
 
 ALIGNERS = ("affine", "similarity", "rigid")
@@ -480,3 +485,130 @@ def test_template_rounds_bring_the_transforms_to_the_truth_and_sharpen_the_templ
     # the group space stayed where the spoiled solutions put it: their corrections average to the identity
     corrections = torch.linalg.inv(group.fixed_to_moving) @ start
     assert torch.allclose(corrections.mean(0), torch.eye(4, dtype=torch.float64), atol=1e-9)
+
+
+# --- each brain extracted once per run -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted_extraction(monkeypatch):
+    """deepbet replaced by a cheap, deterministic extractor that counts its calls, by image file: the brain is the
+    phantom's voxels above 0.5 in the image's left half (an uneven mask, so a flipped or shifted one would differ)."""
+    calls = []
+
+    def extract(self, image, name):
+        calls.append(os.path.basename(name))
+        values = image.as_tensor()[0]
+        left = torch.zeros_like(values, dtype=torch.bool)
+        left[: values.shape[0] // 2 + 3] = True
+        return (values > 0.5) & left
+
+    monkeypatch.setattr(SkullStripd, "_deepbet_mask", extract)
+    return calls
+
+
+def loaded_in_ras(path: str, name: str) -> dict:
+    image = Orientationd(keys="image", axcodes="RAS", labels=None)(LoadVolumed(keys="image")({"image": path}))
+    return {**image, "name": name}
+
+
+def test_a_cached_brain_mask_gives_the_image_and_mask_the_extractor_gave(tmp_path, counted_extraction):
+    """On an oblique image stored with a flipped axis: the first call extracts the brain and writes its mask on the
+    image file's grid; the second reads it back and gives the same image and mask, voxel for voxel."""
+    path = write_moving(tmp_path / "a.nii.gz", rigid([0.2, 0.3, 1.0], 20.0, [5.0, -4.0, 2.0]))
+    cached = CachedSkullStripd(SkullStripd(keys="image", backend="deepbet"), tmp_path / "cache")
+    first = cached(loaded_in_ras(path, "a"))
+    mask_file = nib.load(str(tmp_path / "cache" / "a.nii.gz"))
+    assert mask_file.get_data_dtype() == np.uint8 and np.array_equal(mask_file.affine, nib.load(path).affine)
+    assert set(np.unique(np.asarray(mask_file.dataobj))) == {0, 1}
+    second = cached(loaded_in_ras(path, "a"))
+    assert counted_extraction == ["a.nii.gz"]
+    assert set(second) == set(first)  # no trace of the cached mask's path in the item
+    for key in ("image", "mask"):
+        assert torch.equal(second[key].as_tensor(), first[key].as_tensor())
+        assert torch.equal(second[key].affine, first[key].affine)
+    phantom = int((loaded_in_ras(path, "a")["image"] > 0).sum())
+    assert 0.2 * phantom < int(first["mask"].sum()) < 0.8 * phantom  # the extractor's uneven mask
+
+
+def test_backends_that_extract_nothing_are_not_cached(tmp_path):
+    path = write_moving(tmp_path / "a.nii.gz", rigid([0.0, 0.0, 1.0], 0.0, [0.0, 0.0, 0.0]))
+    cached = CachedSkullStripd(SkullStripd(keys="image", backend="none"), tmp_path / "cache")
+    expected = SkullStripd(keys="image", backend="none")(loaded_in_ras(path, "a"))
+    assert torch.equal(cached(loaded_in_ras(path, "a"))["mask"].as_tensor(), expected["mask"].as_tensor())
+    assert not (tmp_path / "cache").exists()
+
+
+def groupwise_in_process(input_dir, output_dir, checkpoint: str, **settings) -> None:
+    """A groupwise run of the configs in this process (its ``initialize`` and ``groupwise`` steps): deepbet, no
+    workers (the counting extractor lives in this process), a small network, no template round (three passes)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.yaml"), str(ROOT / "configs" / "groupwise.yaml")])
+    parser.update(
+        {
+            "dataset_dir": str(input_dir),
+            "output_dir": str(output_dir),
+            "skull_strip": "deepbet",
+            "head_pose": False,
+            "num_workers": 0,
+            "device": "cpu",
+            "show_progress": False,
+            "ckpt_path": checkpoint,
+            "num_keypoints": NUM_KEYPOINTS,
+            "network_channels": [8, 8, 16, 16],
+            "spatial_size": 32,
+            "aligner": "similarity",
+            "qc_max_residual_mm": 1000,
+            "template_spacing": 2.0,
+            "refine_iterations": 0,
+            **settings,
+        }
+    )
+    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("groupwise")
+
+
+def test_a_groupwise_run_extracts_each_brain_once_and_registers_as_before(tmp_path, counted_extraction):
+    """The same transforms, keypoints, masks and template as extracting every brain in every pass (the
+    preprocessing's plain extractor, ``strip_skull: "@extract_brain"``), with one extraction per image; a mask left
+    in the cache folder by a killed run is not trusted, and the folder is gone at the end."""
+    (tmp_path / "in").mkdir()
+    moves = {
+        "a": rigid([0.0, 0.0, 1.0], 0.0, [0.0, 0.0, 0.0]),
+        "b": rigid([0.2, 0.3, 1.0], 20.0, [5.0, -4.0, 2.0]),
+        "c": rigid([1.0, 0.0, 0.2], -15.0, [-3.0, 6.0, 0.0]),
+    }
+    for name, move in moves.items():
+        write_moving(tmp_path / "in" / f"{name}.nii.gz", move)
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    groupwise_in_process(tmp_path / "in", tmp_path / "every_pass", checkpoint, strip_skull="@extract_brain")
+    extractions_every_pass = len(counted_extraction)
+    counted_extraction.clear()
+    cached = tmp_path / "cached"
+    # a wrong mask that a killed earlier run might have left (an empty one: it would stop case a)
+    (cached / BRAIN_MASK_CACHE).mkdir(parents=True)
+    image = nib.load(str(tmp_path / "in" / "a.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(cached / BRAIN_MASK_CACHE / "a.nii.gz")
+    )
+    groupwise_in_process(tmp_path / "in", cached, checkpoint)
+    assert sorted(counted_extraction) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    # keypoints, template (the reference image, then each image), case outputs
+    assert extractions_every_pass == 3 + 4 + 3
+    assert not (cached / BRAIN_MASK_CACHE).exists()
+    for name in moves:
+        for file in ("affine_ras.txt", "keypoints_moving.csv", "keypoints_fixed.csv", "transform.tfm"):
+            assert (cached / name / file).read_text() == (tmp_path / "every_pass" / name / file).read_text()
+        for file in ("moving_mask.nii.gz", "registered.nii.gz"):
+            expected = np.asarray(nib.load(str(tmp_path / "every_pass" / name / file)).dataobj)
+            assert np.array_equal(np.asarray(nib.load(str(cached / name / file)).dataobj), expected)
+    for file in ("template.nii.gz", "template_mask.nii.gz"):
+        expected = np.asarray(nib.load(str(tmp_path / "every_pass" / file)).dataobj)
+        assert np.array_equal(np.asarray(nib.load(str(cached / file)).dataobj), expected)
+    rows = []
+    for output in (cached, tmp_path / "every_pass"):
+        with open(output / "summary.csv", newline="") as handle:
+            rows.append({row.pop("name"): {**row, "seconds": ""} for row in csv.DictReader(handle)})
+    assert rows[0] == rows[1] and all(row["status"] != "error" for row in rows[0].values())
