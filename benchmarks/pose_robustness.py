@@ -33,8 +33,9 @@ tables count the flagged failures beside the failures.
 
 The brain extraction itself is scored separately (``mask_dice.csv``): the moving images' brain masks from
 :class:`scripts.skull_strip.SkullStripd` with each of ``--mask_methods``: ``bundle`` (the bundle's brain-mask
-network), ``deepbet`` (deepbet alone) and ``deepbet+pose`` (deepbet, the brain's pose, deepbet again upright),
-against the label map's brain, per angle and contrast, with the seconds per image.
+network; by default only when its weights exist, and a one-line error before the run when asked for without them),
+``deepbet`` (deepbet alone) and ``deepbet+pose`` (deepbet, the brain's pose, deepbet again upright), against the
+label map's brain, per angle and contrast, with the seconds per image.
 
 Outputs in ``--output_dir``: ``cases.csv`` (one row per case: name, condition, pair, kind, angle, contrast, status,
 seconds, brain_overlap, dice, error_mm, failed), ``mask_dice.csv``, ``summary.md`` (failure rate, flagged failures,
@@ -458,7 +459,13 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--setting", action="append", default=[], help="KEY=VALUE override of inference.yaml")
     parser.add_argument("--mask_only", action="store_true", help="only the brain-extraction table")
-    parser.add_argument("--mask_methods", nargs="+", choices=list(MASK_METHODS), default=list(MASK_METHODS))
+    parser.add_argument(
+        "--mask_methods",
+        nargs="+",
+        choices=list(MASK_METHODS),
+        default=None,
+        help="default: every method, bundle only when its weights exist",
+    )
     parser.add_argument("--brain_mask_weights", default=None, help="weights of --mask_methods bundle (a checkpoint)")
     parser.add_argument(
         "--report_only", action="store_true", help="rewrite summary.md from the csv files in --output_dir; no run"
@@ -470,6 +477,15 @@ def main(argv=None) -> int:
         mask_rows = _read_csv(os.path.join(args.output_dir, "mask_dice.csv"))
         recorded = recorded_run_lines(os.path.join(args.output_dir, "summary.md"))
         return _report(args.output_dir, rows, mask_rows, recorded or run_lines(args.setting))
+    # before the hour of registrations, not after: the bundle's brain-mask weights are not shipped yet
+    from scripts.skull_strip import BRAIN_MASK_WEIGHTS
+
+    brain_mask_weights = args.brain_mask_weights or BRAIN_MASK_WEIGHTS
+    if args.mask_methods is None:
+        args.mask_methods = [m for m in MASK_METHODS if m != "bundle" or os.path.exists(brain_mask_weights)]
+    elif "bundle" in args.mask_methods and not os.path.exists(brain_mask_weights):
+        print(f"pose_robustness: error: --mask_methods bundle: no weights at {brain_mask_weights}", file=sys.stderr)
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
     label_maps = [os.path.join(args.label_maps_dir, f"{s}.nii.gz") for s in args.subjects]

@@ -123,3 +123,13 @@ def test_cut_top_removes_the_top_20_mm_of_the_brain():
     labels[2:8, 2:8, 10:50] = 2  # brain from z = 10 to 49 (1 mm voxels)
     cut = pose_robustness.with_condition(labels, "cut_top", 1.0, np.random.RandomState(0))
     assert np.nonzero(cut.any((0, 1)))[0].max() == 49 - 20 - 1
+
+
+def test_bundle_masks_without_weights_stop_before_the_run(tmp_path, capsys):
+    """--mask_methods bundle with no weights: one line and exit code 2 before any case is made or registered (the
+    brain-mask table comes after an hour of registrations)."""
+    missing = str(tmp_path / "brain_mask.pt")
+    arguments = ["--mask_methods", "bundle", "--brain_mask_weights", missing, "--output_dir", str(tmp_path / "out")]
+    assert pose_robustness.main([*arguments, "--work_dir", str(tmp_path / "work")]) == 2
+    assert capsys.readouterr().err.strip() == f"pose_robustness: error: --mask_methods bundle: no weights at {missing}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
