@@ -277,19 +277,25 @@ def run_groupwise(*arguments: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def groupwise_run(tmp_path_factory):
-    """Three phantoms moved rigidly, an image of noise and a file that is not an image, registered groupwise with a
-    small random network (no residual threshold: the random keypoints' residuals mean nothing)."""
-    root = tmp_path_factory.mktemp("groupwise")
-    (root / "in").mkdir()
+def write_phantoms(folder) -> dict:
+    """Three phantoms moved rigidly, ``a``-``c``, written into ``folder``; their moves by name."""
     moves = {
         "a": rigid([0.0, 0.0, 1.0], 0.0, [0.0, 0.0, 0.0]),
         "b": rigid([0.2, 0.3, 1.0], 20.0, [5.0, -4.0, 2.0]),
         "c": rigid([1.0, 0.0, 0.2], -15.0, [-3.0, 6.0, 0.0]),
     }
     for name, move in moves.items():
-        write_moving(root / "in" / f"{name}.nii.gz", move)
+        write_moving(folder / f"{name}.nii.gz", move)
+    return moves
+
+
+@pytest.fixture(scope="module")
+def groupwise_run(tmp_path_factory):
+    """Three phantoms moved rigidly, an image of noise and a file that is not an image, registered groupwise with a
+    small random network (no residual threshold: the random keypoints' residuals mean nothing)."""
+    root = tmp_path_factory.mktemp("groupwise")
+    (root / "in").mkdir()
+    write_phantoms(root / "in")
     (root / "in" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
     # positive white noise: QC flags it on its own (no brain: the "mask" fills the image, no smoothness)
     noise = np.random.RandomState(0).uniform(0.1, 1.0, (30, 30, 30)).astype(np.float32)
@@ -575,13 +581,7 @@ def test_a_groupwise_run_extracts_each_brain_once_and_registers_as_before(tmp_pa
     preprocessing's plain extractor, ``strip_skull: "@extract_brain"``), with one extraction per image; a mask left
     in the cache folder by a killed run is not trusted, and the folder is gone at the end."""
     (tmp_path / "in").mkdir()
-    moves = {
-        "a": rigid([0.0, 0.0, 1.0], 0.0, [0.0, 0.0, 0.0]),
-        "b": rigid([0.2, 0.3, 1.0], 20.0, [5.0, -4.0, 2.0]),
-        "c": rigid([1.0, 0.0, 0.2], -15.0, [-3.0, 6.0, 0.0]),
-    }
-    for name, move in moves.items():
-        write_moving(tmp_path / "in" / f"{name}.nii.gz", move)
+    moves = write_phantoms(tmp_path / "in")
     checkpoint = write_checkpoint(tmp_path / "model.pt")
     groupwise_in_process(tmp_path / "in", tmp_path / "every_pass", checkpoint, strip_skull="@extract_brain")
     extractions_every_pass = len(counted_extraction)
